@@ -1,0 +1,36 @@
+"""Configuration of the router process, built by the launcher and passed as argv."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Configuration of the HTTP router: limits, batching budgets, shard addresses."""
+
+    # Where the tokenizer and chat template come from (local dir, HF cache or hub id).
+    tokenizer: str
+    # Shard addresses: unix socket paths or host:port, rank 0 first.
+    shard_urls: tuple[str, ...]
+    model_id: str = ""
+    revision: str | None = None
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    # Request limits (TGI's names and defaults).
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_client_batch_size: int = 4
+    payload_limit: int = 2_000_000
+    # Continuous batching budgets.
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_waiting_tokens: int = 20
+    waiting_served_ratio: float = 0.3
+    enable_prefill_logprobs: bool = False
+    api_key: str | None = None
+    # Seconds in-flight requests get to finish on SIGTERM.
+    graceful_timeout: float = 90.0

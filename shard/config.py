@@ -1,0 +1,35 @@
+"""Per-process configuration of one shard, built by the launcher and passed as argv."""
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Configuration of one tensor-parallel shard process."""
+
+    model_id: str
+    revision: str | None = None
+    # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)
+    dtype: str = "auto"
+    # cpu | cuda | auto
+    device: str = "auto"
+    rank: int = 0
+    world_size: int = 1
+    # The shard serves gRPC on unix://{uds_path}-{rank}.
+    uds_path: str = "/tmp/tgi-server"
+    master_addr: str = "localhost"
+    master_port: int = 29500
+    block_size: int = 16
+    # Share of the memory left after loading the model that the KV cache may take.
+    memory_fraction: float = 0.8
+    # CPU threads for torch; None: the machine's cores divided by world_size.
+    num_threads: int | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def socket_path(self) -> str:
+        return f"{self.uds_path}-{self.rank}"
+
+    def for_rank(self, rank: int) -> "ShardConfig":
+        return dataclasses.replace(self, rank=rank)
