@@ -1,0 +1,162 @@
+from tgi_server.router.block_allocator import BlockAllocator
+from tgi_server.router.queue import Entry, Queue
+from tgi_server.router.types import SamplingParams, StoppingParams, ValidRequest
+
+
+def make_entry(entry_id: int, num_prompt_tokens: int, max_new_tokens: int) -> Entry:
+    request = ValidRequest(
+        inputs="x" * num_prompt_tokens,
+        input_ids=tuple(range(num_prompt_tokens)),
+        sampling=SamplingParams(),
+        stopping=StoppingParams(max_new_tokens=max_new_tokens),
+        top_n_tokens=0,
+        details=False,
+        decoder_input_details=False,
+        return_full_text=False,
+        best_of=1,
+        stream=False,
+    )
+    return Entry(request=request, id=entry_id, queued_at=0.0)
+
+
+def make_queue(num_blocks: int, block_size: int, *sizes: tuple[int, int]) -> Queue:
+    queue = Queue(BlockAllocator(num_blocks, block_size))
+    for entry_id, (num_prompt_tokens, max_new_tokens) in enumerate(sizes):
+        queue.append(make_entry(entry_id, num_prompt_tokens, max_new_tokens))
+    return queue
+
+
+def ids(entries: list[Entry] | None) -> list[int]:
+    assert entries is not None
+    return [entry.id for entry in entries]
+
+
+def front_ids(queue: Queue) -> list[int]:
+    return [entry.id for entry in queue._entries]
+
+
+def test_empty_queue_returns_none():
+    queue = make_queue(8, 4)
+    assert queue.next_batch(None, None, 100, 100) is None
+    assert queue.next_batch(1, None, 100, 100) is None
+
+
+def test_takes_all_and_allocates_exact_blocks():
+    # 5 + 3 = 8 tokens -> 2 blocks of 4; 2 + 7 = 9 tokens -> 3 blocks.
+    queue = make_queue(8, 4, (5, 3), (2, 7))
+    batch = queue.next_batch(None, None, 100, 100)
+    assert ids(batch) == [0, 1]
+    assert [entry.block_ids for entry in batch] == [[0, 1], [2, 3, 4]]
+    assert queue.allocator.num_free_blocks == 3
+    assert len(queue) == 0
+
+
+def test_prefill_budget_stops_batch_and_keeps_fifo():
+    # Prefill budget 10 (already a multiple of 2): 4 + 4 fit, + 4 = 12 does not.
+    queue = make_queue(100, 2, (4, 1), (4, 1), (4, 1), (1, 1))
+    batch = queue.next_batch(None, None, 10, 1000)
+    assert ids(batch) == [0, 1]
+    # The head that did not fit stays first; the small entry behind it is not skipped.
+    assert front_ids(queue) == [2, 3]
+    assert queue.allocator.num_used_blocks == 2 * 3  # 5 tokens -> 3 blocks each
+
+
+def test_prefill_budget_rounded_up_to_block_size():
+    # Budget 9 rounds up to 12 with block_size 4: three 4-token prompts fit.
+    queue = make_queue(100, 4, (4, 1), (4, 1), (4, 1))
+    assert ids(queue.next_batch(None, None, 9, 1000)) == [0, 1, 2]
+    # Without rounding (block_size 1) only two fit in 9.
+    queue = make_queue(100, 1, (4, 1), (4, 1), (4, 1))
+    assert ids(queue.next_batch(None, None, 9, 1000)) == [0, 1]
+
+
+def test_token_budget_counts_prompt_plus_max_new_tokens():
+    # Costs: 3 + 7 = 10, 2 + 8 = 10, 1 + 1 = 2. Budget 20 takes the first two only.
+    queue = make_queue(100, 1, (3, 7), (2, 8), (1, 1))
+    batch = queue.next_batch(None, None, 1000, 20)
+    assert ids(batch) == [0, 1]
+    assert front_ids(queue) == [2]
+    # Budget 21 would not take the third either (22 > 21) but 22 does.
+    queue = make_queue(100, 1, (3, 7), (2, 8), (1, 1))
+    assert ids(queue.next_batch(None, None, 1000, 21)) == [0, 1]
+    queue = make_queue(100, 1, (3, 7), (2, 8), (1, 1))
+    assert ids(queue.next_batch(None, None, 1000, 22)) == [0, 1, 2]
+
+
+def test_head_over_budget_returns_none_and_stays():
+    queue = make_queue(100, 1, (50, 1), (1, 1))
+    assert queue.next_batch(None, None, 10, 1000) is None
+    assert front_ids(queue) == [0, 1]
+    assert queue.allocator.num_free_blocks == 100
+
+
+def test_allocator_exhaustion_stops_batch():
+    # 4 blocks of 4 tokens: entry 0 needs 2 blocks, entry 1 needs 3 -> does not fit.
+    queue = make_queue(4, 4, (6, 2), (9, 3), (1, 1))
+    batch = queue.next_batch(None, None, 1000, 1000)
+    assert ids(batch) == [0]
+    assert batch[0].block_ids == [0, 1]
+    assert front_ids(queue) == [1, 2]
+    assert queue.allocator.num_free_blocks == 2
+    # Once entry 0 finishes and frees its blocks, entry 1 gets the lowest ids.
+    queue.allocator.free(batch[0].block_ids)
+    batch = queue.next_batch(None, None, 1000, 1000)
+    assert ids(batch) == [1, 2]
+    assert [entry.block_ids for entry in batch] == [[0, 1, 2], [3]]
+
+
+def test_max_size_caps_the_batch():
+    queue = make_queue(100, 1, (1, 1), (1, 1), (1, 1))
+    assert ids(queue.next_batch(None, 2, 1000, 1000)) == [0, 1]
+    assert front_ids(queue) == [2]
+    assert queue.allocator.num_used_blocks == 4
+
+
+def test_min_size_rollback_frees_blocks_and_restores_order():
+    # Token budget 25 takes entries 0 and 1 (10 + 10), entry 2 (10) does not fit.
+    queue = make_queue(16, 4, (6, 4), (6, 4), (6, 4))
+    assert queue.next_batch(3, None, 1000, 25) is None
+    assert front_ids(queue) == [0, 1, 2]
+    assert all(entry.block_ids is None for entry in queue._entries)
+    assert queue.allocator.num_free_blocks == 16
+    queue.allocator.check_integrity()
+    # The same call with min_size 2 succeeds and allocates 3 blocks per entry.
+    batch = queue.next_batch(2, None, 1000, 25)
+    assert [entry.block_ids for entry in batch] == [[0, 1, 2], [3, 4, 5]]
+    assert queue.allocator.num_free_blocks == 10
+
+
+def test_min_size_larger_than_queue_returns_none_early():
+    queue = make_queue(16, 4, (1, 1))
+    assert queue.next_batch(2, None, 1000, 1000) is None
+    assert front_ids(queue) == [0]
+    assert queue.allocator.num_free_blocks == 16
+
+
+def test_cancelled_entries_are_dropped_and_counted():
+    queue = make_queue(100, 1, (1, 1), (1, 1), (1, 1), (1, 1))
+    queue._entries[0].cancelled = True
+    queue._entries[2].cancelled = True
+    batch = queue.next_batch(None, None, 1000, 1000)
+    assert ids(batch) == [1, 3]
+    assert [entry.block_ids for entry in batch] == [[0, 1], [2, 3]]
+    assert queue.num_dropped == 2
+    assert len(queue) == 0
+
+
+def test_only_cancelled_entries_returns_none():
+    queue = make_queue(100, 1, (1, 1))
+    queue._entries[0].cancelled = True
+    assert queue.next_batch(None, None, 1000, 1000) is None
+    assert queue.num_dropped == 1
+    assert len(queue) == 0
+
+
+def test_remove_cancelled():
+    queue = make_queue(100, 1, (1, 1), (1, 1), (1, 1))
+    queue._entries[1].cancelled = True
+    removed = queue.remove_cancelled()
+    assert ids(removed) == [1]
+    assert front_ids(queue) == [0, 2]
+    assert queue.num_dropped == 1
+    assert queue.remove_cancelled() == []
