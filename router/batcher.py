@@ -1,0 +1,252 @@
+"""Continuous batching: the only async loop that talks to the shards.
+
+Upstream: `infer.py` appends entries to the `Queue` and calls `notify()`. Downstream: the
+`ShardedClient`. The loop follows TGI's batching task (without chunking): prefill a new batch,
+then decode the running batch step after step; between steps, waiting requests are prefilled
+and joined when they fit the budgets and enough are waiting (`waiting_served_ratio`) or the
+running batch has waited `max_waiting_tokens` steps. After every call, finished and cancelled
+requests leave through FilterBatch and their KV blocks return to the allocator at once.
+"""
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from tgi_server.router.block_allocator import BlockAllocator
+from tgi_server.router.client import BatchRequest, CachedBatch, Generation, ShardError
+from tgi_server.router.infer import InferEvent, RequestState, TokenInfo, generation_error
+from tgi_server.router.metrics import Metrics
+from tgi_server.router.queue import Entry, Queue
+from tgi_server.router.tokenizer import IncrementalDetokenizer, StopSequenceMatcher
+from tgi_server.router.types import FinishReason
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int
+    max_batch_size: int | None
+    max_waiting_tokens: int
+    waiting_served_ratio: float
+    enable_prefill_logprobs: bool = False
+
+
+@dataclass(slots=True)
+class TextState:
+    detokenizer: IncrementalDetokenizer
+    stop: StopSequenceMatcher | None
+
+
+class Batcher:
+    def __init__(self, client, queue: Queue, allocator: BlockAllocator, tokenizer,
+                 config: BatchingConfig, metrics: Metrics):
+        self.client = client
+        self.queue = queue
+        self.allocator = allocator
+        self.tokenizer = tokenizer
+        self.config = config
+        self.metrics = metrics
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.running: dict[int, Entry] = {}
+        self.healthy = True
+        self.num_prefilled_requests = 0
+        self._wakeup = asyncio.Event()
+        self._batch_ids = iter(range(1, 2**63))
+
+    def notify(self) -> None:
+        self._wakeup.set()
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        idle = True
+        while True:
+            self.queue.remove_cancelled()
+            if idle or not len(self.queue):
+                await self._wakeup.wait()
+            self._wakeup.clear()
+            try:
+                # NOTE: validation keeps every request within max_batch_total_tokens, so the
+                # head of the queue always fits an idle cache; `idle` guards against spinning.
+                idle = not await self._serve_until_idle()
+            except Exception as e:  # noqa: BLE001 -- every request in flight gets the error
+                logger.exception("batching step failed")
+                await self._fail_running(e)
+
+    async def _serve_until_idle(self) -> bool:
+        """Serve until no request runs; False if nothing could be prefilled."""
+        cfg = self.config
+        before = self.num_prefilled_requests
+        cached = await self._prefill(None, cfg.max_batch_size, cfg.max_batch_total_tokens)
+        waiting_steps = 0
+        while cached is not None:
+            batches = [cached]
+            new = await self._join_waiting(cached, waiting_steps)
+            if new is not None:
+                waiting_steps = 0
+                batches.append(new)
+            cached = await self._decode(batches)
+            waiting_steps += 1
+        self._check_idle()
+        return self.num_prefilled_requests > before
+
+    async def _join_waiting(self, cached: CachedBatch, waiting_steps: int) -> CachedBatch | None:
+        """Prefill waiting requests to join the running batch, if the budgets allow."""
+        self.queue.remove_cancelled()
+        if not len(self.queue):
+            return None
+        cfg = self.config
+        size = cached.size
+        min_size = None if waiting_steps >= cfg.max_waiting_tokens else math.floor(size * cfg.waiting_served_ratio)
+        max_size = None if cfg.max_batch_size is None else cfg.max_batch_size - size
+        if max_size is not None and max_size <= 0:
+            return None
+        token_budget = cfg.max_batch_total_tokens - cached.max_tokens
+        new = await self._prefill(min_size, max_size, token_budget)
+        if new is not None:
+            self.metrics.batch_concat.inc(reason="wait_exceeded" if min_size is None else "backpressure")
+        return new
+
+    async def _prefill(self, min_size, max_size, token_budget: int) -> CachedBatch | None:
+        entries = self.queue.next_batch(min_size, max_size, self.config.max_batch_prefill_tokens,
+                                        token_budget)
+        self.metrics.queue_size.set(len(self.queue))
+        if not entries:
+            return None
+        self.num_prefilled_requests += len(entries)
+        now = time.monotonic()
+        for entry in entries:
+            self.running[entry.id] = entry
+            entry.sink.started_at = now
+            self.metrics.request_queue_duration.observe(now - entry.queued_at)
+            entry.sink.text = self._text_state(entry)
+        self.metrics.batch_next_size.observe(len(entries))
+        requests = [
+            BatchRequest(e.id, e.request, e.block_ids,
+                         prefill_logprobs=e.request.decoder_input_details)
+            for e in entries
+        ]
+        return await self._call("prefill", self.client.prefill(next(self._batch_ids), requests),
+                                [e.id for e in entries])
+
+    async def _decode(self, batches: list[CachedBatch]) -> CachedBatch | None:
+        ids = [rid for b in batches for rid in b.request_ids]
+        return await self._call("decode", self.client.decode(batches), ids)
+
+    async def _call(self, method: str, call, request_ids: list[int]) -> CachedBatch | None:
+        self.metrics.batch_inference_count.inc(method=method)
+        start = time.monotonic()
+        try:
+            generations, cached = await call
+        except ShardError as e:
+            self.metrics.batch_inference_failure.inc(method=method)
+            await self._fail(request_ids, e)
+            return None
+        self.metrics.batch_inference_duration.labels(method).observe(time.monotonic() - start)
+        self.metrics.batch_inference_success.inc(method=method)
+        for generation in generations:
+            self._dispatch(generation)
+        return await self._filter(cached)
+
+    async def _filter(self, cached: CachedBatch | None) -> CachedBatch | None:
+        """Drop finished and cancelled requests from the shards' batch."""
+        if cached is None:
+            self._set_batch_gauges(None)
+            return None
+        for rid in cached.request_ids:
+            entry = self.running.get(rid)
+            if entry is not None and entry.cancelled:
+                self._release(entry)
+        keep = [rid for rid in cached.request_ids if rid in self.running]
+        if len(keep) < cached.size:
+            start = time.monotonic()
+            if keep:
+                cached = await self.client.filter_batch(cached.id, keep)
+            else:
+                await self.client.clear_cache(cached.id)
+                cached = None
+            self.metrics.batch_filter_duration.observe(time.monotonic() - start)
+        self._set_batch_gauges(cached)
+        return cached
+
+    # ---- per-request events --------------------------------------------------------------
+
+    def _text_state(self, entry: Entry) -> TextState:
+        stop = entry.request.stopping.stop_sequences
+        return TextState(
+            detokenizer=IncrementalDetokenizer(self.tokenizer, entry.request.input_ids),
+            stop=StopSequenceMatcher(stop) if stop else None,
+        )
+
+    def _token(self, token_id: int, logprob: float | None, text: str | None = None) -> TokenInfo:
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+        if logprob is not None and math.isnan(logprob):
+            logprob = None
+        return TokenInfo(token_id, text, logprob, token_id in self.special_ids)
+
+    def _dispatch(self, g: Generation) -> None:
+        entry = self.running.get(g.request_id)
+        if entry is None or entry.cancelled:
+            return
+        state: RequestState = entry.sink
+        text: TextState = state.text
+        state.generated_ids.append(g.token_id)
+        delta = text.detokenizer.push(g.token_id)
+        finish = g.finish_reason
+        if text.stop is not None and finish is None and text.stop.push(delta)[1]:
+            finish = FinishReason.STOP_SEQUENCE
+        event = InferEvent(
+            token=self._token(g.token_id, g.logprob, delta),
+            top_tokens=[self._token(i, lp) for i, lp in g.top_tokens],
+            num_generated_tokens=len(state.generated_ids),
+            finish_reason=finish,
+        )
+        if g.prefill_tokens is not None:
+            event.prefill_tokens = [self._token(i, lp) for i, lp in g.prefill_tokens]
+        if finish is not None:
+            event.generated_text = self.tokenizer.decode(state.generated_ids, skip_special_tokens=True)
+            event.queued_at, event.started_at = entry.queued_at, state.started_at
+            self._release(entry)
+        state.events.put_nowait(event)
+
+    def _release(self, entry: Entry) -> None:
+        """The request left the batch: its blocks go back to the allocator now."""
+        self.running.pop(entry.id, None)
+        if entry.block_ids is not None:
+            self.allocator.free(entry.block_ids)
+            entry.block_ids = None
+
+    async def _fail(self, request_ids: list[int], error: Exception) -> None:
+        logger.error("generation failed for %d requests: %s", len(request_ids), error)
+        self.healthy = False
+        for rid in request_ids:
+            entry = self.running.get(rid)
+            if entry is not None:
+                self._release(entry)
+                entry.sink.events.put_nowait(generation_error(str(error)))
+        try:
+            await self.client.clear_cache()
+        except ShardError:
+            logger.exception("ClearCache failed after a generation error")
+
+    async def _fail_running(self, error: Exception) -> None:
+        await self._fail(list(self.running), error)
+
+    def _set_batch_gauges(self, cached: CachedBatch | None) -> None:
+        self.metrics.batch_current_size.set(cached.size if cached else 0)
+        self.metrics.batch_current_max_tokens.set(cached.max_tokens if cached else 0)
+        self.metrics.kv_blocks_free.set(self.allocator.num_free_blocks)
+
+    def _check_idle(self) -> None:
+        """With nothing running, every block must be free again."""
+        if not self.running:
+            self.allocator.check_integrity()
+            if self.allocator.num_free_blocks != self.allocator.num_blocks:
+                logger.error("KV block leak: %d of %d blocks free while idle",
+                             self.allocator.num_free_blocks, self.allocator.num_blocks)
+

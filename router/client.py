@@ -1,0 +1,198 @@
+"""gRPC clients of the shards; the only router module that touches protobuf.
+
+Upstream: `batcher.py` and `app.py` (warmup, health). Downstream: every shard's
+`TextGenerationService`. `ShardedClient` sends each call to all ranks concurrently, checks
+that they agree, and returns rank 0's answer (generations are identical on every rank).
+"""
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+
+from tgi_server.proto import generate_pb2 as pb
+from tgi_server.proto import generate_pb2_grpc as pb_grpc
+from tgi_server.router.types import FinishReason, ValidRequest
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    pb.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN,
+    pb.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+}
+
+
+class ShardError(RuntimeError):
+    """A shard failed an RPC or the shards disagree."""
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBatch:
+    id: int
+    request_ids: tuple[int, ...]
+    max_tokens: int
+    current_tokens: int
+
+    @property
+    def size(self) -> int:
+        return len(self.request_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    request_id: int
+    token_id: int
+    logprob: float
+    top_tokens: tuple[tuple[int, float], ...]
+    finish_reason: FinishReason | None
+    # (id, logprob) of each prompt token, on prefill when decoder_input_details was asked.
+    prefill_tokens: tuple[tuple[int, float], ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardInfo:
+    model_id: str
+    model_type: str
+    dtype: str
+    device_type: str
+    block_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    world_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    """One request of a new batch, with the KV blocks the router allocated for it."""
+
+    id: int
+    request: ValidRequest
+    block_ids: list[int]
+    prefill_logprobs: bool = False
+
+
+def request_to_pb(r: BatchRequest) -> pb.Request:
+    s, stop = r.request.sampling, r.request.stopping
+    return pb.Request(
+        id=r.id,
+        input_ids=r.request.input_ids,
+        sampling=pb.SamplingParameters(
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, typical_p=s.typical_p,
+            do_sample=s.do_sample, seed=s.seed, repetition_penalty=s.repetition_penalty,
+            frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
+            logit_bias=dict(s.logit_bias),
+        ),
+        stopping=pb.StoppingParameters(
+            max_new_tokens=stop.max_new_tokens, ignore_eos_token=stop.ignore_eos_token
+        ),
+        prefill_logprobs=r.prefill_logprobs,
+        top_n_tokens=r.request.top_n_tokens,
+        block_ids=r.block_ids,
+    )
+
+
+def cached_batch_from_pb(b: pb.CachedBatch) -> CachedBatch:
+    return CachedBatch(b.id, tuple(b.request_ids), b.max_tokens, b.current_tokens)
+
+
+def cached_batch_to_pb(b: CachedBatch) -> pb.CachedBatch:
+    return pb.CachedBatch(id=b.id, request_ids=b.request_ids, size=b.size,
+                          max_tokens=b.max_tokens, current_tokens=b.current_tokens)
+
+
+def generation_from_pb(g: pb.Generation) -> Generation:
+    prefill = None
+    if g.HasField("prefill_tokens"):
+        prefill = tuple(zip(g.prefill_tokens.ids, g.prefill_tokens.logprobs))
+    top = tuple(zip(g.top_tokens[0].ids, g.top_tokens[0].logprobs)) if g.top_tokens else ()
+    return Generation(
+        request_id=g.request_id,
+        token_id=g.tokens.ids[0],
+        logprob=g.tokens.logprobs[0],
+        top_tokens=top,
+        finish_reason=FINISH_REASONS.get(g.finish_reason),
+        prefill_tokens=prefill,
+    )
+
+
+def channel_target(url: str) -> str:
+    """A unix socket path (or unix:// URL) or a host:port."""
+    if url.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return url
+    return f"unix://{url}" if url.startswith("/") else url
+
+
+class ShardClient:
+    """One shard."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.channel = grpc.aio.insecure_channel(channel_target(url))
+        self.stub = pb_grpc.TextGenerationServiceStub(self.channel)
+
+    async def call(self, method: str, request, timeout: float | None = None):
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise ShardError(f"shard {self.url}: {method} failed: {e.details() or e.code().name}") from e
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class ShardedClient:
+    """All shards of one tensor-parallel group, rank 0 first."""
+
+    def __init__(self, urls: list[str] | tuple[str, ...]):
+        self.shards = [ShardClient(u) for u in urls]
+
+    async def _all(self, method: str, request, timeout: float | None = None) -> list:
+        return await asyncio.gather(*(s.call(method, request, timeout) for s in self.shards))
+
+    async def info(self) -> ShardInfo:
+        r = (await self._all("Info", pb.InfoRequest()))[0]
+        return ShardInfo(r.model_id, r.model_type, r.dtype, r.device_type, r.block_size,
+                         r.vocab_size, r.max_position_embeddings, tuple(r.eos_token_ids),
+                         r.world_size)
+
+    async def health(self, timeout: float = 5.0) -> None:
+        await self._all("Health", pb.HealthRequest(), timeout)
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        await self._all("ClearCache", pb.ClearCacheRequest(id=batch_id))
+
+    async def warmup(self, max_input_tokens: int, max_prefill_tokens: int, max_total_tokens: int,
+                     max_batch_total_tokens: int) -> int:
+        """Returns the KV blocks every shard can hold (the minimum over ranks)."""
+        request = pb.WarmupRequest(
+            max_input_tokens=max_input_tokens, max_prefill_tokens=max_prefill_tokens,
+            max_total_tokens=max_total_tokens, max_batch_total_tokens=max_batch_total_tokens,
+        )
+        return min(r.num_blocks for r in await self._all("Warmup", request))
+
+    async def filter_batch(self, batch_id: int, request_ids: list[int]) -> CachedBatch:
+        request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids)
+        responses = await self._all("FilterBatch", request)
+        return self._agree([cached_batch_from_pb(r.batch) for r in responses])
+
+    async def prefill(self, batch_id: int, requests: list[BatchRequest]):
+        batch = pb.Batch(id=batch_id, requests=[request_to_pb(r) for r in requests])
+        return self._generated(await self._all("Prefill", pb.PrefillRequest(batch=batch)))
+
+    async def decode(self, batches: list[CachedBatch]):
+        request = pb.DecodeRequest(batches=[cached_batch_to_pb(b) for b in batches])
+        return self._generated(await self._all("Decode", request))
+
+    def _generated(self, responses: list) -> tuple[list[Generation], CachedBatch | None]:
+        batches = [cached_batch_from_pb(r.batch) if r.HasField("batch") else None for r in responses]
+        batch = self._agree(batches)
+        return [generation_from_pb(g) for g in responses[0].generations], batch
+
+    @staticmethod
+    def _agree(batches: list):
+        if any(b != batches[0] for b in batches[1:]):
+            raise ShardError(f"shards disagree on the batch state: {batches}")
+        return batches[0]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.shards))

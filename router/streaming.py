@@ -1,0 +1,33 @@
+"""Server-sent events: TGI's `data:{json}` framing for the native and OpenAI streams.
+
+Upstream: `routes.py` hands an async iterator of pydantic models. A failure midway ends the
+stream with an error event instead of cutting the connection.
+"""
+
+from collections.abc import AsyncIterator, Callable
+
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(payload: BaseModel | str) -> bytes:
+    data = payload if isinstance(payload, str) else payload.model_dump_json()
+    return f"data:{data}\n\n".encode()
+
+
+def sse_response(events: AsyncIterator[BaseModel], on_error: Callable[[Exception], BaseModel],
+                 done_marker: str | None = None) -> StreamingResponse:
+    """Stream `events`; an exception becomes a final `on_error(e)` event, then `done_marker`."""
+
+    async def body():
+        try:
+            async for event in events:
+                yield sse_event(event)
+        except Exception as e:  # noqa: BLE001 -- reported in-stream, as TGI does
+            yield sse_event(on_error(e))
+        if done_marker is not None:
+            yield sse_event(done_marker)
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,96 @@
+"""`tgi-shard`: one tensor-parallel rank. argv → ShardConfig → load the model → serve gRPC.
+
+Spawned by the launcher (`launcher/`), which passes a `ShardConfig` as argv and watches this
+process's stderr: progress lines while loading, and on a startup failure exactly one line
+starting `ERROR: ` before exiting 1.
+"""
+
+import asyncio
+import logging
+import os
+import sys
+
+import torch
+
+from tgi_server.launcher.argv import from_argv
+from tgi_server.proto import generate_pb2 as pb
+from tgi_server.shard.config import ShardConfig
+from tgi_server.shard.distributed import init_distributed
+from tgi_server.shard.model_runner import ModelRunner
+from tgi_server.shard.models import load_model
+from tgi_server.shard.server import TextGenerationService, serve
+from tgi_server.shard.weights import resolve_model_dir
+
+logger = logging.getLogger("tgi_server.shard")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unsupported --dtype {name!r}; choose one of {', '.join(DTYPES)} or auto")
+    return DTYPES[name]
+
+
+def build_service(config: ShardConfig) -> TextGenerationService:
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", config.rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dtype = resolve_dtype(config.dtype, device)
+    threads = config.num_threads or max(1, (os.cpu_count() or 1) // config.world_size)
+    torch.set_num_threads(threads)
+    tp = init_distributed(config.rank, config.world_size, config.master_addr, config.master_port,
+                          device.type)
+    model_dir = resolve_model_dir(config.model_id, config.revision)
+    logger.info("loading %s (%s, %s, rank %d/%d, %d threads)", model_dir, dtype, device,
+                config.rank, config.world_size, threads)
+    model = load_model(model_dir, dtype, device, tp)
+    runner = ModelRunner(model, device, dtype, config.block_size)
+    hf = model.config
+    info = pb.InfoResponse(
+        model_id=config.model_id,
+        model_type=hf.model_type,
+        dtype=str(dtype).removeprefix("torch."),
+        device_type=device.type,
+        block_size=config.block_size,
+        vocab_size=hf.vocab_size,
+        max_position_embeddings=hf.max_position_embeddings,
+        eos_token_ids=sorted(model.eos_token_ids),
+        attention_impl="paged",
+        world_size=config.world_size,
+    )
+    urls = [f"{config.uds_path}-{rank}" for rank in range(config.world_size)]
+    return TextGenerationService(config, runner, urls, info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = from_argv(ShardConfig, argv, prog="tgi-shard")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s shard-{config.rank} %(name)s: %(message)s",
+    )
+    try:
+        service = build_service(config)
+    except Exception as e:  # noqa: BLE001 -- one readable line for the launcher
+        logger.debug("startup failed", exc_info=True)
+        print(f"ERROR: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr, flush=True)
+        sys.exit(1)
+    if os.path.exists(config.socket_path):
+        os.unlink(config.socket_path)
+    logger.info("ready")
+    asyncio.run(serve(service, f"unix://{config.socket_path}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The shard's gRPC service: protobuf in and out, batches kept by id, work done by the runner.
+
+Upstream: the router's `client.py`, over a unix socket (or TCP). Downstream: `model_runner.py`.
+Model work runs on one worker thread, so the event loop keeps answering Health while a step
+runs, and steps never overlap.
+"""
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+
+from tgi_server.proto import generate_pb2 as pb
+from tgi_server.proto import generate_pb2_grpc as pb_grpc
+from tgi_server.shard.batch import Batch
+from tgi_server.shard.config import ShardConfig
+from tgi_server.shard.model_runner import ModelRunner, StepOutput
+
+logger = logging.getLogger(__name__)
+
+
+def generation_to_pb(out: StepOutput) -> pb.Generation:
+    gen = pb.Generation(
+        request_id=out.request_id,
+        tokens=pb.Tokens(ids=[out.token_id], logprobs=[out.logprob]),
+        finish_reason=out.finish_reason,
+    )
+    if out.top_token_ids:
+        gen.top_tokens.append(pb.Tokens(ids=out.top_token_ids, logprobs=out.top_logprobs))
+    if out.prefill_token_ids is not None:
+        gen.prefill_tokens.CopyFrom(pb.Tokens(ids=out.prefill_token_ids, logprobs=out.prefill_logprobs))
+    return gen
+
+
+class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
+    def __init__(self, config: ShardConfig, runner: ModelRunner, urls: list[str], info: pb.InfoResponse):
+        self.config = config
+        self.runner = runner
+        self.urls = urls
+        self.info = info
+        self.cache: dict[int, Batch] = {}
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def Info(self, request, context):
+        return self.info
+
+    async def Health(self, request, context):
+        await self._run(lambda: torch.zeros(2, device=self.runner.device).sum().item())
+        return pb.HealthResponse()
+
+    async def ServiceDiscovery(self, request, context):
+        return pb.ServiceDiscoveryResponse(urls=self.urls)
+
+    async def ClearCache(self, request, context):
+        if request.HasField("id"):
+            self.cache.pop(request.id, None)
+        else:
+            self.cache.clear()
+        return pb.ClearCacheResponse()
+
+    async def FilterBatch(self, request, context):
+        batch = self._pop(request.batch_id, context)
+        batch = batch.filter(list(request.request_ids))
+        self.cache[batch.batch_id] = batch
+        return pb.FilterBatchResponse(batch=batch.to_pb())
+
+    async def Warmup(self, request, context):
+        if self.cache:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "warmup with batches in flight")
+        num_blocks = await self._run(
+            self.runner.warmup,
+            request.max_input_tokens,
+            request.max_prefill_tokens,
+            request.max_batch_total_tokens,
+            self.config.memory_fraction,
+            self.config.world_size,
+        )
+        return pb.WarmupResponse(
+            num_blocks=num_blocks,
+            block_size=self.config.block_size,
+            max_prefill_tokens=request.max_prefill_tokens,
+        )
+
+    async def Prefill(self, request, context):
+        start = time.perf_counter_ns()
+        batch = Batch.from_pb(request.batch, self.runner.vocab_size, self.runner.device)
+        outputs = await self._run(self.runner.prefill, batch)
+        return self._respond(batch, outputs, start)
+
+    async def Decode(self, request, context):
+        start = time.perf_counter_ns()
+        batches = [self._pop(b.id, context) for b in request.batches]
+        batch = Batch.concatenate(batches)
+        concat_ns = time.perf_counter_ns() - start
+        outputs = await self._run(self.runner.decode, batch)
+        response = self._respond(batch, outputs, start)
+        response.concat_ns = concat_ns
+        return response
+
+    def _pop(self, batch_id: int, context) -> Batch:
+        batch = self.cache.pop(batch_id, None)
+        if batch is None:
+            # NOTE: an unknown id is a router bug or a router talking to a restarted shard.
+            raise KeyError(f"batch {batch_id} not found in the shard's cache")
+        return batch
+
+    def _respond(self, batch: Batch, outputs: list[StepOutput], start_ns: int) -> pb.GenerateResponse:
+        response = pb.GenerateResponse(generations=[generation_to_pb(o) for o in outputs])
+        if len(batch.finished) < len(batch):
+            self.cache[batch.batch_id] = batch
+            response.batch.CopyFrom(batch.to_pb())
+        total = time.perf_counter_ns() - start_ns
+        response.forward_ns = total
+        response.total_ns = total
+        return response
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turn exceptions in handlers into INTERNAL errors carrying the exception's text."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def wrapper(request, context):
+            try:
+                return await inner(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as e:  # noqa: BLE001 -- reported to the router, logged here
+                logger.exception("%s failed", handler_call_details.method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapper,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def serve(service: TextGenerationService, address: str) -> None:
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
+    server.add_insecure_port(address)
+    await server.start()
+    logger.info("serving on %s", address)
+    await server.wait_for_termination()
