@@ -1,0 +1,219 @@
+"""Paged attention: the per-step metadata, the forward context that carries it, the kernel choice.
+
+Upstream: `model_runner.py` builds an `AttentionMetadata` for each prefill/decode step and
+runs the model inside `forward_context(meta)`; `kv_cache.py` binds each `Attention` module's
+`k_cache`/`v_cache` views. Downstream: the attention kernels. This is the only module that
+chooses a kernel backend: torch SDPA everywhere, flash-attn on CUDA when it is installed and
+the block size allows it.
+
+Layout: the tokens of all sequences are packed along one dimension; the new tokens of sequence
+i are rows `cu_seqlens_q[i]:cu_seqlens_q[i + 1]` and sit at the END of its context (positions
+`context_lens[i] - query_len_i ... context_lens[i] - 1`), so a prompt whose prefix is already
+cached is a causal query with an offset. Token j of sequence i lives in KV slot
+`block_tables[i, j // block_size] * block_size + j % block_size`.
+"""
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: Tensor  # [num_tokens] int64: KV slot where each new token's k/v are written
+    cu_seqlens_q: Tensor  # [batch + 1] int64: new tokens of sequence i are rows cu[i]:cu[i+1]
+    context_lens: Tensor  # [batch] int64: tokens of sequence i in the cache after this step
+    block_tables: Tensor  # [batch, max_num_blocks] int64, padded with 0
+    max_query_len: int
+    max_context_len: int
+
+    @classmethod
+    def from_lists(
+        cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+        block_size: int, device: torch.device | str = "cpu",
+    ) -> "AttentionMetadata":
+        """Builds the tensors from per-sequence Python lists (block_tables[i]: block ids of i)."""
+        slots = [
+            table[pos // block_size] * block_size + pos % block_size
+            for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables)
+            for pos in range(ctx_len - q_len, ctx_len)
+        ]
+        cu_seqlens_q = [0]
+        for q_len in query_lens:
+            cu_seqlens_q.append(cu_seqlens_q[-1] + q_len)
+        width = max(len(table) for table in block_tables)
+        padded = [table + [0] * (width - len(table)) for table in block_tables]
+
+        def tensor(values: list) -> Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return cls(
+            slot_mapping=tensor(slots), cu_seqlens_q=tensor(cu_seqlens_q),
+            context_lens=tensor(context_lens), block_tables=tensor(padded),
+            max_query_len=max(query_lens), max_context_len=max(context_lens),
+        )
+
+
+_CONTEXT: AttentionMetadata | None = None
+
+
+@contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    """Installs `meta` for the duration of one model forward; nesting is an error."""
+    global _CONTEXT
+    if _CONTEXT is not None:
+        raise RuntimeError("forward_context() does not nest: a forward is already running")
+    _CONTEXT = meta
+    try:
+        yield meta
+    finally:
+        _CONTEXT = None
+
+
+def get_forward_context() -> AttentionMetadata:
+    if _CONTEXT is None:
+        raise RuntimeError("no forward_context() is active: the model needs AttentionMetadata")
+    return _CONTEXT
+
+
+def _token_coords(cu_seqlens_q: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """(sequence index, row within its query) of every packed token, without host syncs."""
+    query_lens = cu_seqlens_q.diff()  # [batch]
+    batch_ids = torch.arange(query_lens.shape[0], device=query_lens.device)
+    seq_ids = torch.repeat_interleave(batch_ids, query_lens, output_size=num_tokens)  # [num_tokens]
+    rows = torch.arange(num_tokens, device=query_lens.device) - cu_seqlens_q[seq_ids]
+    return seq_ids, rows
+
+
+def _pad(x: Tensor, coords: tuple[Tensor, Tensor], batch: int, max_len: int) -> Tensor:
+    padded = x.new_zeros(batch, max_len, *x.shape[1:])  # [batch, max_len, heads, head_dim]
+    padded[coords] = x
+    return padded
+
+
+def _sdpa_padded(
+    q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, context_lens: Tensor,
+    scale: float, sliding_window: int | None,
+) -> Tensor:
+    """Masked SDPA of packed queries over padded per-sequence keys.
+
+    q [num_tokens, heads, D]; k/v [batch, max_context, kv_heads, D] -> [num_tokens, heads, D].
+    """
+    num_tokens, batch = q.shape[0], context_lens.shape[0]
+    is_decode = meta.max_query_len == 1  # every sequence has exactly one new token
+    if is_decode:
+        coords, q_pad = None, q.unsqueeze(1)  # [batch, 1, heads, D]
+    else:
+        coords = _token_coords(meta.cu_seqlens_q, num_tokens)
+        q_pad = _pad(q, coords, batch, meta.max_query_len)  # [batch, max_query, heads, D]
+    query_start = context_lens - meta.cu_seqlens_q.diff()  # [batch] position of the first new token
+    rows = torch.arange(meta.max_query_len, device=q.device)
+    q_pos = query_start[:, None] + rows  # [batch, max_query] absolute position of each query row
+    k_pos = torch.arange(k.shape[1], device=q.device)  # [max_context]
+    # NOTE: keys past a sequence's context are masked by causality alone; only the padded
+    # query rows (discarded below) can see them.
+    mask = k_pos <= q_pos[..., None]  # [batch, max_query, max_context]
+    if sliding_window is not None:
+        mask &= k_pos > q_pos[..., None] - sliding_window
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True,
+    ).transpose(1, 2)  # [batch, max_query, heads, D]
+    return out[:, 0] if is_decode else out[coords]
+
+
+def _torch_paged_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,
+    sliding_window: int | None,
+) -> Tensor:
+    block_size = k_cache.shape[1]
+    num_blocks = -(-meta.max_context_len // block_size)
+    table = meta.block_tables[:, :num_blocks]  # [batch, num_blocks]
+    # One gather of every sequence's blocks: [batch, num_blocks * block_size, kv_heads, D].
+    k = k_cache[table].flatten(1, 2)[:, : meta.max_context_len]
+    v = v_cache[table].flatten(1, 2)[:, : meta.max_context_len]
+    return _sdpa_padded(q, k, v, meta, meta.context_lens, scale, sliding_window)
+
+
+def _torch_fresh_attention(
+    q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, scale: float,
+    sliding_window: int | None,
+) -> Tensor:
+    """Prefill with no cache bound (the profiling run): each query attends over its own k/v."""
+    batch = meta.cu_seqlens_q.shape[0] - 1
+    coords = _token_coords(meta.cu_seqlens_q, q.shape[0])
+    k_pad = _pad(k, coords, batch, meta.max_query_len)  # [batch, max_query, kv_heads, D]
+    v_pad = _pad(v, coords, batch, meta.max_query_len)
+    return _sdpa_padded(q, k_pad, v_pad, meta, meta.cu_seqlens_q.diff(), scale, sliding_window)
+
+
+@functools.cache
+def _flash_attn_installed() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_flash(k_cache: Tensor) -> bool:
+    # NOTE: flash-attn 2's paged KV needs blocks of a multiple of 256 tokens; smaller blocks
+    # (the default 16) run the torch path on CUDA too.
+    return k_cache.is_cuda and k_cache.shape[1] % 256 == 0 and _flash_attn_installed()
+
+
+def _flash_paged_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,
+    sliding_window: int | None,
+) -> Tensor:
+    # NOTE: untested here (no GPU in CI); the torch path is the reference.
+    from flash_attn import flash_attn_varlen_func
+
+    cu_seqlens_k = F.pad(meta.context_lens.cumsum(0), (1, 0)).to(torch.int32)
+    return flash_attn_varlen_func(
+        q, k_cache, v_cache,
+        cu_seqlens_q=meta.cu_seqlens_q.to(torch.int32), cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=meta.max_query_len, max_seqlen_k=meta.max_context_len,
+        softmax_scale=scale, causal=True,
+        window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1),
+        block_table=meta.block_tables.to(torch.int32),
+    )  # [num_tokens, heads, D]
+
+
+class Attention(nn.Module):
+    """Stores the new k/v in the paged cache, then attends over each sequence's context."""
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.sliding_window = scale, sliding_window
+        # Bound by kv_cache.allocate_kv_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+        self.k_cache: Tensor | None = None
+        self.v_cache: Tensor | None = None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [num_tokens, heads, D], k/v [num_tokens, kv_heads, D] -> [num_tokens, heads * D]."""
+        meta = get_forward_context()
+        args = (meta, self.scale, self.sliding_window)
+        if self.k_cache is None:
+            out = _torch_fresh_attention(q, k, v, *args)
+        else:
+            self._store(k, v, meta.slot_mapping)
+            attend = _flash_paged_attention if _use_flash(self.k_cache) else _torch_paged_attention
+            out = attend(q, self.k_cache, self.v_cache, *args)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _store(self, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+        # [num_blocks * block_size, kv_heads, D]: slot-addressed views of the layer's cache
+        k_slots = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_slots = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_slots.index_copy_(0, slot_mapping, k.to(k_slots.dtype))
+        v_slots.index_copy_(0, slot_mapping, v.to(v_slots.dtype))

@@ -1,0 +1,37 @@
+"""The paged KV cache: one tensor for all layers, with per-layer views bound to `Attention`.
+
+Upstream: `model_runner.py` sizes the cache with `kv_cache_bytes_per_block` (after profiling
+the memory a forward takes) and calls `allocate_kv_cache` once. Downstream: every `Attention`
+module of the model gets `k_cache`/`v_cache` views `[num_blocks, block_size, kv_heads, head_dim]`
+into `cache[0, layer]` / `cache[1, layer]`. Block ids come from the router (ARCHITECTURE.md).
+"""
+
+import torch
+from torch import nn
+
+from .attention import Attention
+
+
+def kv_cache_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes on this rank: k and v of `block_size` tokens in every layer."""
+    per_token = 2 * model.num_layers * model.num_kv_heads_per_rank * model.head_dim
+    return per_token * block_size * dtype.itemsize
+
+
+def allocate_kv_cache(
+    model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Allocates `[2, num_layers, num_blocks, block_size, kv_heads, head_dim]` and binds it."""
+    layers = [module for module in model.modules() if isinstance(module, Attention)]
+    if len(layers) != model.num_layers:
+        raise RuntimeError(f"found {len(layers)} Attention modules, expected {model.num_layers}")
+    # NOTE: zeros, not empty: unwritten slots are read (then masked) by the torch path, and
+    # garbage NaNs would survive the mask as 0 * NaN.
+    cache = torch.zeros(
+        2, len(layers), num_blocks, block_size, model.num_kv_heads_per_rank, model.head_dim,
+        dtype=dtype, device=device,
+    )
+    for i, layer in enumerate(layers):
+        layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
+    return cache
