@@ -1,0 +1,170 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over packed tokens and a paged KV cache.
+
+Upstream: `models.load_model` builds it from the HF config for one TP rank, and
+`weights.load_weights` fills it (HF names are kept; q/k/v and gate/up are fused through
+`packed_modules_mapping`). Downstream: `model_runner.py` calls `forward(input_ids, positions)`
+inside `attention.forward_context(meta)` and `compute_logits` on the rows it samples from.
+
+The three architectures differ only in config: Qwen2 has a q/k/v bias and usually tied
+embeddings, Llama may have `attention_bias`/`mlp_bias`, Mistral and Qwen2 a sliding window.
+"""
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..attention import Attention
+from ..distributed import ParallelState
+from ..layers.activation import SiluAndMul
+from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ..layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding, get_rope
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _attention_biases(config) -> tuple[bool, bool]:
+    """(q/k/v bias, o_proj bias)."""
+    if config.model_type == "qwen2":
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
+def _sliding_window(config, layer_idx: int) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
+        return None
+    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return None
+    return window
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config, tp: ParallelState, rotary_emb: RotaryEmbedding, layer_idx: int
+    ) -> None:
+        super().__init__()
+        head_dim = _head_dim(config)
+        qkv_bias, o_bias = _attention_biases(config)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, head_dim, config.num_attention_heads, config.num_key_value_heads,
+            qkv_bias, tp,
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * head_dim, config.hidden_size, o_bias, tp
+        )
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(
+            self.qkv_proj.num_heads_per_rank, self.qkv_proj.num_kv_heads_per_rank, head_dim,
+            scale=head_dim**-0.5, sliding_window=_sliding_window(config, layer_idx),
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        num_tokens, head_dim = hidden.shape[0], self.attn.head_dim
+        qkv = self.qkv_proj(hidden)  # [num_tokens, (heads + 2 * kv_heads) * head_dim] per rank
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, -1, head_dim)  # [num_tokens, heads, head_dim]
+        k = k.view(num_tokens, -1, head_dim)  # [num_tokens, kv_heads, head_dim]
+        v = v.view(num_tokens, -1, head_dim)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))  # [num_tokens, hidden]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, tp: ParallelState) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r} (only silu)")
+        bias, size = bool(getattr(config, "mlp_bias", False)), config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias, tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(hidden)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config, tp: ParallelState, rotary_emb: RotaryEmbedding, layer_idx: int
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, tp, rotary_emb, layer_idx)
+        self.mlp = LlamaMLP(config, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, tp: ParallelState) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        rotary_emb = get_rope(config, _head_dim(config))  # one cos/sin cache shared by all layers
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, tp, rotary_emb, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        for layer in self.layers:
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF module name -> (our fused module, shard id passed to its weight_loader)
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config, tp: ParallelState) -> None:
+        super().__init__()
+        self.config, self.tp = config, tp
+        self.model = LlamaModel(config, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+        self.ignored_weight_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            self.ignored_weight_suffixes += ("lm_head.weight",)
+        # Filled by load_model from generation_config.json; the config's own eos by default.
+        eos = config.eos_token_id
+        self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def head_dim(self) -> int:
+        return _head_dim(self.config)
+
+    @property
+    def num_kv_heads_per_rank(self) -> int:
+        return self.model.layers[0].self_attn.attn.num_kv_heads
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [num_tokens] -> [num_tokens, hidden]; reads the forward context."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [num_tokens, vocab] float32, full vocab on every rank
