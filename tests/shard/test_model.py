@@ -1,0 +1,199 @@
+"""The shard's own forward over a paged KV cache against transformers' forward, in float32.
+
+Every test packs several sequences in one token dimension and gives them shuffled,
+non-contiguous blocks, the way the router hands them out.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from tgi_server.shard.attention import AttentionMetadata, forward_context, get_forward_context
+from tgi_server.shard.distributed import ParallelState
+from tgi_server.shard.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+from tgi_server.shard.layers.rotary import get_rope
+from tgi_server.shard.models import load_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 48
+ATOL = RTOL = 1e-4
+VARIANTS = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "mistral": ("mistral", {}),
+    "llama-llama3-rope": ("llama", {"rope_scaling": "llama3"}),
+}
+
+
+class Paged:
+    """A model, its KV cache, and per-sequence shuffled block tables (what the router does)."""
+
+    def __init__(self, model, num_seqs: int, blocks_per_seq: int = 8, seed: int = 0) -> None:
+        self.model = model
+        self.cache = allocate_kv_cache(model, NUM_BLOCKS, BLOCK_SIZE, torch.float32, "cpu")
+        ids = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.tables = [ids[i * blocks_per_seq:(i + 1) * blocks_per_seq] for i in range(num_seqs)]
+        self.lens = [0] * num_seqs  # tokens of each sequence already in the cache
+
+    def step(self, seq_ids: list[int], chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Runs the new tokens `chunks[i]` of sequences `seq_ids[i]` as one packed batch."""
+        query_lens = [len(chunk) for chunk in chunks]
+        context_lens = [self.lens[s] + n for s, n in zip(seq_ids, query_lens)]
+        tables = [self.tables[s] for s in seq_ids]
+        meta = AttentionMetadata.from_lists(query_lens, context_lens, tables, BLOCK_SIZE)
+        positions = torch.cat([torch.arange(c - q, c) for q, c in zip(query_lens, context_lens)])
+        with torch.inference_mode(), forward_context(meta):
+            logits = self.model.compute_logits(self.model(torch.cat(chunks), positions))
+        for s, c in zip(seq_ids, context_lens):
+            self.lens[s] = c
+        return list(logits.split(query_lens))
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def models(request, model_dir):
+    arch, kw = VARIANTS[request.param]
+    path = model_dir(arch, **kw)
+    ours = load_model(path, torch.float32, torch.device("cpu"), ParallelState())
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return ours, ref
+
+
+def reference_logits(ref, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return ref(tokens[None]).logits[0].float()  # [len, vocab]
+
+
+def prompts(vocab: int, lens: list[int], seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=generator) for n in lens]
+
+
+def test_packed_prefill_then_batched_decode(models):
+    ours, ref = models
+    seqs = prompts(ours.config.vocab_size, [5, 11, 8])
+    paged = Paged(ours, num_seqs=3)
+    for seq, logits in zip(seqs, paged.step([0, 1, 2], seqs)):
+        torch.testing.assert_close(logits, reference_logits(ref, seq), atol=ATOL, rtol=RTOL)
+    for step in range(4):
+        next_tokens = [torch.tensor([(7 * step + 13 * i) % 500 + 3]) for i in range(3)]
+        seqs = [torch.cat([s, t]) for s, t in zip(seqs, next_tokens)]
+        decoded = paged.step([0, 1, 2], next_tokens)
+        for seq, logits in zip(seqs, decoded):
+            want = reference_logits(ref, seq)[-1]
+            torch.testing.assert_close(logits[0], want, atol=ATOL, rtol=RTOL)
+
+
+def test_prefill_with_cached_prefix(models):
+    """A prompt whose first tokens are cached runs as a query shorter than its context."""
+    ours, ref = models
+    long, other = prompts(ours.config.vocab_size, [14, 6], seed=1)
+    paged = Paged(ours, num_seqs=2, seed=1)
+    paged.step([0], [long[:5]])
+    rest, fresh = paged.step([0, 1], [long[5:], other])
+    torch.testing.assert_close(rest, reference_logits(ref, long)[5:], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(fresh, reference_logits(ref, other), atol=ATOL, rtol=RTOL)
+
+
+def test_profile_run_without_kv_cache(models):
+    """No cache bound (the memory-profiling forward): prefill attends over its own k/v."""
+    ours, ref = models
+    seqs = prompts(ours.config.vocab_size, [3, 9], seed=2)
+    for layer in ours.model.layers:
+        layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = None
+    meta = AttentionMetadata.from_lists([3, 9], [3, 9], [[0, 1, 2]] * 2, BLOCK_SIZE)
+    positions = torch.cat([torch.arange(3), torch.arange(9)])
+    with torch.inference_mode(), forward_context(meta):
+        logits = ours.compute_logits(ours(torch.cat(seqs), positions)).split([3, 9])
+    for seq, got in zip(seqs, logits):
+        torch.testing.assert_close(got, reference_logits(ref, seq), atol=ATOL, rtol=RTOL)
+
+
+def test_greedy_generation_matches_generate(models):
+    ours, ref = models
+    (prompt,) = prompts(ours.config.vocab_size, [6], seed=3)
+    with torch.inference_mode():
+        expected = ref.generate(prompt[None], max_new_tokens=20, do_sample=False)[0, len(prompt):]
+    paged = Paged(ours, num_seqs=1, seed=3)
+    logits = paged.step([0], [prompt])[0][-1]
+    generated = []
+    for _ in range(len(expected)):
+        generated.append(int(logits.argmax()))
+        logits = paged.step([0], [torch.tensor(generated[-1:])])[0][-1]
+    assert generated == expected.tolist()
+
+
+def test_sliding_window_matches_transformers(model_dir, tmp_path):
+    path = tmp_path / "mistral-window"
+    shutil.copytree(model_dir("mistral"), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "sliding_window": 4}))
+    ours = load_model(path, torch.float32, torch.device("cpu"), ParallelState())
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seqs = prompts(ours.config.vocab_size, [9, 6], seed=4)
+    paged = Paged(ours, num_seqs=2, seed=4)
+    for seq, logits in zip(seqs, paged.step([0, 1], seqs)):
+        torch.testing.assert_close(logits, reference_logits(ref, seq), atol=ATOL, rtol=RTOL)
+    seqs = [torch.cat([s, torch.tensor([42])]) for s in seqs]
+    for seq, logits in zip(seqs, paged.step([0, 1], [torch.tensor([42])] * 2)):
+        torch.testing.assert_close(logits[0], reference_logits(ref, seq)[-1], atol=ATOL, rtol=RTOL)
+
+
+ROPE_CASES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rotary_matches_transformers(case):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    kw = {"rope_scaling": ROPE_CASES[case]} if ROPE_CASES[case] else {}
+    config = AutoConfig.for_model(
+        "llama", hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=128, **kw,
+    )
+    # Positions past max_position_embeddings exercise dynamic NTK's rescaling.
+    positions = torch.arange(200) if case == "dynamic" else torch.arange(128)
+    q, k = torch.randn(len(positions), 2, 32), torch.randn(len(positions), 1, 32)
+    got_q, got_k = get_rope(config, 32)(positions, q, k)
+    cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
+    heads_first = (q.transpose(0, 1)[None], k.transpose(0, 1)[None])  # [1, heads, len, D]
+    want_q, want_k = apply_rotary_pos_emb(*heads_first, cos, sin)
+    torch.testing.assert_close(got_q, want_q[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k, want_k[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_context_does_not_nest():
+    meta = AttentionMetadata.from_lists([2], [2], [[0]], BLOCK_SIZE)
+    with forward_context(meta):
+        assert get_forward_context() is meta
+        with pytest.raises(RuntimeError, match="does not nest"), forward_context(meta):
+            pass
+    with pytest.raises(RuntimeError):
+        get_forward_context()
+
+
+def test_metadata_slots_follow_block_tables():
+    meta = AttentionMetadata.from_lists([3, 1], [5, 6], [[7, 2], [4, 9]], BLOCK_SIZE)
+    # seq 0: positions 2..4 -> block 7 slots 30, 31 then block 2 slot 8; seq 1: position 5 -> 37
+    assert meta.slot_mapping.tolist() == [30, 31, 8, 37]
+    assert meta.cu_seqlens_q.tolist() == [0, 3, 4]
+    assert (meta.max_query_len, meta.max_context_len) == (3, 6)
+
+
+def test_kv_cache_layout(model_dir):
+    model = load_model(model_dir("llama"), torch.float32, torch.device("cpu"), ParallelState())
+    cache = allocate_kv_cache(model, 5, BLOCK_SIZE, torch.float32, "cpu")
+    assert cache.shape == (2, 2, 5, BLOCK_SIZE, 2, 16)
+    assert kv_cache_bytes_per_block(model, BLOCK_SIZE, torch.float32) == cache.nbytes // 5
+    attn = model.model.layers[1].self_attn.attn
+    assert attn.k_cache.data_ptr() == cache[0, 1].data_ptr()
+    assert attn.v_cache.data_ptr() == cache[1, 1].data_ptr()
+    assert model.eos_token_ids == [2, 0]
