@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from tgi_server.launcher.make_model import MAKER_VERSION, make_model
 
 CACHE_ROOT = Path(__file__).resolve().parents[1] / ".cache" / "test-models"

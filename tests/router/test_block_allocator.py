@@ -1,4 +1,5 @@
 import pytest
+
 from tgi_server.router.block_allocator import BlockAllocator
 
 

@@ -2,6 +2,7 @@ import json
 
 import pydantic
 import pytest
+
 from tgi_server.router.config import RouterConfig
 from tgi_server.router.protocol import (
     BestOfSequence,

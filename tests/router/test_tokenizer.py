@@ -1,7 +1,8 @@
 import pytest
-from tgi_server.router.tokenizer import IncrementalDetokenizer, StopSequenceMatcher, load_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from tgi_server.router.tokenizer import IncrementalDetokenizer, StopSequenceMatcher, load_tokenizer
 
 CORPUS = [
     "héllo wörld 你好 🙂 naïve café",

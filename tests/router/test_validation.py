@@ -2,12 +2,13 @@ import dataclasses
 import random
 
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
 from tgi_server.router.config import RouterConfig
 from tgi_server.router.protocol import GenerateParameters, SimpleToken
 from tgi_server.router.types import SamplingParams, StoppingParams, ValidRequest
 from tgi_server.router.validation import ValidationError, Validator
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 MAX_INPUT_TOKENS = 8
 MAX_TOTAL_TOKENS = 12

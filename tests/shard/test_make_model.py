@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tgi_server.launcher.make_model import main, make_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from tgi_server.launcher.make_model import main, make_model
 
 TEXTS = [
     "def f(x):\n\treturn x ** 2  # plain ASCII code",

@@ -9,12 +9,13 @@ import shutil
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from tgi_server.shard.attention import AttentionMetadata, forward_context, get_forward_context
 from tgi_server.shard.distributed import ParallelState
 from tgi_server.shard.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
 from tgi_server.shard.layers.rotary import get_rope
 from tgi_server.shard.models import load_model
-from transformers import AutoConfig, AutoModelForCausalLM
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 48

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tgi_server.shard.sampling import Sampler, SamplingParams, _inverse_cdf
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -10,6 +9,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
+
+from tgi_server.shard.sampling import Sampler, SamplingParams, _inverse_cdf
 
 VOCAB = 64
 CPU = torch.device("cpu")

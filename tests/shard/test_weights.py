@@ -7,6 +7,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
 from tgi_server.shard.distributed import ParallelState
 from tgi_server.shard.models import UnsupportedModelError, load_model
 from tgi_server.shard.weights import ModelNotFoundError, WeightsError, resolve_model_dir
