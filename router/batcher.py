@@ -82,12 +82,16 @@ class Batcher:
         cfg = self.config
         before = self.num_prefilled_requests
         cached = await self._prefill(None, cfg.max_batch_size, cfg.max_batch_total_tokens)
-        waiting_steps = 0
+        # NOTE: as TGI's `waiting_tokens`: 1 after a prefill, back to 1 whenever requests
+        # were prefilled to join (even if they all finished at once or failed).
+        waiting_steps = 1
         while cached is not None:
             batches = [cached]
+            num_prefilled = self.num_prefilled_requests
             new = await self._join_waiting(cached, waiting_steps)
+            if self.num_prefilled_requests > num_prefilled:
+                waiting_steps = 1
             if new is not None:
-                waiting_steps = 0
                 batches.append(new)
             cached = await self._decode(batches)
             waiting_steps += 1
@@ -130,21 +134,25 @@ class Batcher:
                          prefill_logprobs=e.request.decoder_input_details)
             for e in entries
         ]
-        return await self._call("prefill", self.client.prefill(next(self._batch_ids), requests),
-                                [e.id for e in entries])
+        batch_id = next(self._batch_ids)
+        return await self._call("prefill", self.client.prefill(batch_id, requests),
+                                [e.id for e in entries], [batch_id])
 
     async def _decode(self, batches: list[CachedBatch]) -> CachedBatch | None:
         ids = [rid for b in batches for rid in b.request_ids]
-        return await self._call("decode", self.client.decode(batches), ids)
+        return await self._call("decode", self.client.decode(batches), ids, [b.id for b in batches])
 
-    async def _call(self, method: str, call, request_ids: list[int]) -> CachedBatch | None:
+    async def _call(self, method: str, call, request_ids: list[int],
+                    batch_ids: list[int]) -> CachedBatch | None:
         self.metrics.batch_inference_count.inc(method=method)
         start = time.monotonic()
         try:
             generations, cached = await call
         except ShardError as e:
             self.metrics.batch_inference_failure.inc(method=method)
-            await self._fail(request_ids, e)
+            # As TGI: only the batches of the failed call are dropped; a failed prefill of
+            # joining requests leaves the running batch to go on.
+            await self._fail(request_ids, e, batch_ids)
             return None
         self.metrics.batch_inference_duration.labels(method).observe(time.monotonic() - start)
         self.metrics.batch_inference_success.inc(method=method)
@@ -191,7 +199,12 @@ class Batcher:
 
     def _dispatch(self, g: Generation) -> None:
         entry = self.running.get(g.request_id)
-        if entry is None or entry.cancelled:
+        if entry is None:
+            return
+        if entry.cancelled:
+            # NOTE: finished on the shard, it is in no batch left to filter: release it now.
+            if g.finish_reason is not None:
+                self._release(entry)
             return
         state: RequestState = entry.sink
         text: TextState = state.text
@@ -221,7 +234,9 @@ class Batcher:
             self.allocator.free(entry.block_ids)
             entry.block_ids = None
 
-    async def _fail(self, request_ids: list[int], error: Exception) -> None:
+    async def _fail(self, request_ids: list[int], error: Exception,
+                    batch_ids: list[int | None]) -> None:
+        """Fail `request_ids` and drop `batch_ids` from the shards (None: every batch)."""
         logger.error("generation failed for %d requests: %s", len(request_ids), error)
         self.healthy = False
         for rid in request_ids:
@@ -229,13 +244,14 @@ class Batcher:
             if entry is not None:
                 self._release(entry)
                 entry.sink.events.put_nowait(generation_error(str(error)))
-        try:
-            await self.client.clear_cache()
-        except ShardError:
-            logger.exception("ClearCache failed after a generation error")
+        for batch_id in batch_ids:
+            try:
+                await self.client.clear_cache(batch_id)
+            except ShardError:
+                logger.exception("ClearCache failed after a generation error")
 
     async def _fail_running(self, error: Exception) -> None:
-        await self._fail(list(self.running), error)
+        await self._fail(list(self.running), error, [None])
 
     def _set_batch_gauges(self, cached: CachedBatch | None) -> None:
         self.metrics.batch_current_size.set(cached.size if cached else 0)
