@@ -1,0 +1,177 @@
+"""`tgi-launch`: TGI's launcher flags (names, defaults, env vars) -> `LaunchConfig` -> launch.
+
+This file is the single source of the CLI. Every flag also reads the UPPER_SNAKE env var
+TGI uses for it; the README flag table is generated from this app (`flags_doc.py`).
+Downstream: `supervisor.launch`.
+"""
+
+import shlex
+from typing import Annotated, Any
+
+import typer
+from tgi_server.launcher.config import ROUTER_COMMAND, SHARD_COMMAND, LaunchConfig
+from tgi_server.launcher.supervisor import launch
+
+app = typer.Typer(
+    add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Launch the shards and the router of tgi-server, a drop-in for TGI's launcher.",
+)
+
+
+def _opt(*names: str, env: str | list[str] | None, help: str, hidden: bool = False) -> Any:
+    return typer.Option(*names, envvar=env, help=help, hidden=hidden)
+
+
+@app.command()
+def tgi_launch(
+    ctx: typer.Context,
+    model_id: Annotated[str, _opt(
+        "--model-id", "--model", env="MODEL_ID",
+        help="Model to serve: a local directory, or a hub id (HF cache or download).",
+    )],
+    revision: Annotated[str | None, _opt(
+        "--revision", env="REVISION", help="Hub revision: a branch, tag or commit sha.",
+    )] = None,
+    num_shard: Annotated[int, _opt(
+        "--num-shard", env="NUM_SHARD", help="Number of tensor-parallel shards (processes).",
+    )] = 1,
+    dtype: Annotated[str, _opt(
+        "--dtype", env="DTYPE",
+        help="auto, float32, bfloat16 or float16 (auto: bfloat16 on CUDA, float32 on CPU).",
+    )] = "auto",
+    device: Annotated[str, _opt("--device", env="DEVICE", help="auto, cpu or cuda.")] = "auto",
+    trust_remote_code: Annotated[bool, _opt(
+        "--trust-remote-code", env="TRUST_REMOTE_CODE",
+        help="Allow custom code from the model repository.",
+    )] = False,
+    hostname: Annotated[str, _opt(
+        "--hostname", env="HOSTNAME", help="Address the HTTP server listens on.",
+    )] = "0.0.0.0",
+    port: Annotated[int, _opt("--port", "-p", env="PORT", help="HTTP port.")] = 3000,
+    shard_uds_path: Annotated[str | None, _opt(
+        "--shard-uds-path", env="SHARD_UDS_PATH",
+        help="Shard gRPC sockets are {path}-{rank} (default: /tmp/tgi-server-<launcher pid>).",
+    )] = None,
+    master_addr: Annotated[str, _opt(
+        "--master-addr", env="MASTER_ADDR", help="torch.distributed rendezvous address.",
+    )] = "localhost",
+    master_port: Annotated[int | None, _opt(
+        "--master-port", env="MASTER_PORT",
+        help="torch.distributed rendezvous port (default: a free port).",
+    )] = None,
+    max_concurrent_requests: Annotated[int, _opt(
+        "--max-concurrent-requests", env="MAX_CONCURRENT_REQUESTS",
+        help="Requests in flight beyond this are refused (HTTP 429).",
+    )] = 128,
+    max_best_of: Annotated[int, _opt(
+        "--max-best-of", env="MAX_BEST_OF", help="Largest `best_of` a request may ask for.",
+    )] = 2,
+    max_stop_sequences: Annotated[int, _opt(
+        "--max-stop-sequences", env="MAX_STOP_SEQUENCES",
+        help="Most stop sequences per request.",
+    )] = 4,
+    max_top_n_tokens: Annotated[int, _opt(
+        "--max-top-n-tokens", env="MAX_TOP_N_TOKENS", help="Largest `top_n_tokens` per request.",
+    )] = 5,
+    max_input_tokens: Annotated[int | None, _opt(
+        "--max-input-tokens", "--max-input-length", env=["MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"],
+        help="Longest prompt in tokens (default: decided at warmup from the model and memory).",
+    )] = None,
+    max_total_tokens: Annotated[int | None, _opt(
+        "--max-total-tokens", env="MAX_TOTAL_TOKENS",
+        help="Longest prompt + max_new_tokens (default: decided at warmup).",
+    )] = None,
+    max_batch_prefill_tokens: Annotated[int | None, _opt(
+        "--max-batch-prefill-tokens", env="MAX_BATCH_PREFILL_TOKENS",
+        help="Token budget of one prefill (default: decided at warmup).",
+    )] = None,
+    max_batch_total_tokens: Annotated[int | None, _opt(
+        "--max-batch-total-tokens", env="MAX_BATCH_TOTAL_TOKENS",
+        help="Tokens a running batch may hold (default: what the KV cache fits).",
+    )] = None,
+    max_batch_size: Annotated[int | None, _opt(
+        "--max-batch-size", env="MAX_BATCH_SIZE", help="Most requests in a batch.",
+    )] = None,
+    max_waiting_tokens: Annotated[int, _opt(
+        "--max-waiting-tokens", env="MAX_WAITING_TOKENS",
+        help="Decode steps before waiting requests are forced into the running batch.",
+    )] = 20,
+    waiting_served_ratio: Annotated[float, _opt(
+        "--waiting-served-ratio", env="WAITING_SERVED_RATIO",
+        help="Waiting/running ratio above which a prefill interrupts decoding.",
+    )] = 0.3,
+    max_client_batch_size: Annotated[int, _opt(
+        "--max-client-batch-size", env="MAX_CLIENT_BATCH_SIZE",
+        help="Most inputs in one client request.",
+    )] = 4,
+    payload_limit: Annotated[int, _opt(
+        "--payload-limit", env="PAYLOAD_LIMIT", help="Largest request body in bytes.",
+    )] = 2_000_000,
+    enable_prefill_logprobs: Annotated[bool, _opt(
+        "--enable-prefill-logprobs", env="ENABLE_PREFILL_LOGPROBS",
+        help="Allow requests to ask for the prompt tokens' logprobs (`decoder_input_details`).",
+    )] = False,
+    api_key: Annotated[str | None, _opt(
+        "--api-key", env="API_KEY",
+        help="When set, requests need `Authorization: Bearer <key>`.",
+    )] = None,
+    block_size: Annotated[int, _opt(
+        "--block-size", env="BLOCK_SIZE", help="Tokens per KV-cache block.",
+    )] = 16,
+    memory_fraction: Annotated[float, _opt(
+        "--memory-fraction", "--cuda-memory-fraction",
+        env=["MEMORY_FRACTION", "CUDA_MEMORY_FRACTION"],
+        help="Share of the memory left after loading the weights that the KV cache may take.",
+    )] = 0.8,
+    num_threads: Annotated[int | None, _opt(
+        "--num-threads", env="NUM_THREADS",
+        help="CPU threads per shard (default: the cores divided by the shard count).",
+    )] = None,
+    graceful_termination_timeout: Annotated[float, _opt(
+        "--graceful-termination-timeout", env="GRACEFUL_TERMINATION_TIMEOUT",
+        help="Seconds in-flight requests get to finish on SIGTERM before processes are killed.",
+    )] = 90.0,
+    json_output: Annotated[bool, _opt(
+        "--json-output", env="JSON_OUTPUT", help="Log JSON lines instead of text.",
+    )] = False,
+    shard_command: Annotated[str | None, _opt(
+        "--shard-command", env=None, hidden=True,
+        help="Command run for each shard, before its argv (tests, wrappers such as numactl).",
+    )] = None,
+    router_command: Annotated[str | None, _opt(
+        "--router-command", env=None, hidden=True,
+        help="Command run for the router, before its argv.",
+    )] = None,
+) -> None:
+    raise typer.Exit(launch(config_from_params(ctx.params)))
+
+
+def config_from_params(params: dict[str, Any]) -> LaunchConfig:
+    """The parsed flags as a `LaunchConfig`; a bad combination is a usage error."""
+    values = dict(params)
+    values["shard_command"] = _command(values.get("shard_command"), SHARD_COMMAND)
+    values["router_command"] = _command(values.get("router_command"), ROUTER_COMMAND)
+    try:
+        return LaunchConfig(**values)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def _command(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(shlex.split(text)) if text else default
+
+
+def parse_config(argv: list[str]) -> LaunchConfig:
+    """Flags (and env vars) -> `LaunchConfig`, without launching anything."""
+    command = typer.main.get_command(app)
+    with command.make_context("tgi-launch", list(argv)) as ctx:
+        return config_from_params(ctx.params)
+
+
+def main() -> None:
+    app(prog_name="tgi-launch")
+
+
+if __name__ == "__main__":
+    main()

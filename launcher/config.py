@@ -1,0 +1,154 @@
+"""`LaunchConfig`: the one source of configuration, built by `cli.py` from TGI's flags.
+
+Downstream, the launcher derives every child's config from it: `to_shard_config(rank)` and
+`to_router_config()`, which `argv.to_argv` turns into the children's command lines.
+"""
+
+import dataclasses
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+from tgi_server.router.config import RouterConfig
+from tgi_server.shard.config import ShardConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+# NOTE: `sys.executable -m ...` rather than the `tgi-shard` / `tgi-router` scripts, so the
+# children run in the launcher's own interpreter whatever PATH holds.
+SHARD_COMMAND = (sys.executable, "-m", "tgi_server.shard.cli")
+ROUTER_COMMAND = (sys.executable, "-m", "tgi_server.router.server")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Everything `tgi-launch` was asked for. `None` means "decided later" (see `resolved`)."""
+
+    model_id: str
+    revision: str | None = None
+    num_shard: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    # Network. None: a unique socket path / a free port, picked by `resolved()`.
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    shard_uds_path: str | None = None
+    master_addr: str = "localhost"
+    master_port: int | None = None
+    # Request limits (TGI's names and defaults).
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_client_batch_size: int = 4
+    payload_limit: int = 2_000_000
+    # Continuous batching budgets.
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_waiting_tokens: int = 20
+    waiting_served_ratio: float = 0.3
+    enable_prefill_logprobs: bool = False
+    api_key: str | None = None
+    # Shard runtime.
+    block_size: int = 16
+    memory_fraction: float = 0.8
+    num_threads: int | None = None
+    # Operations.
+    graceful_termination_timeout: float = 90.0
+    json_output: bool = False
+    # What to run for each child; the child's config argv is appended. Tests put fakes here.
+    shard_command: tuple[str, ...] = SHARD_COMMAND
+    router_command: tuple[str, ...] = ROUTER_COMMAND
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def resolved(self) -> "LaunchConfig":
+        """A copy with the per-launch defaults filled in: socket path and rendezvous port."""
+        return dataclasses.replace(
+            self,
+            shard_uds_path=self.shard_uds_path or default_uds_path(),
+            master_port=self.master_port or free_port(),
+        )
+
+    def to_shard_config(self, rank: int) -> ShardConfig:
+        if self.shard_uds_path is None or self.master_port is None:
+            raise ValueError("to_shard_config needs a resolved() LaunchConfig")
+        return ShardConfig(
+            model_id=self.model_id, revision=self.revision, dtype=self.dtype,
+            device=self.device, rank=rank, world_size=self.num_shard,
+            uds_path=self.shard_uds_path, master_addr=self.master_addr,
+            master_port=self.master_port, block_size=self.block_size,
+            memory_fraction=self.memory_fraction, num_threads=self.num_threads,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    def socket_paths(self) -> tuple[str, ...]:
+        """Every shard's gRPC socket, rank 0 first."""
+        return tuple(self.to_shard_config(rank).socket_path for rank in range(self.num_shard))
+
+    def to_router_config(self) -> RouterConfig:
+        return RouterConfig(
+            tokenizer=self.model_id, shard_urls=self.socket_paths(),
+            model_id=self.model_id, revision=self.revision,
+            hostname=self.hostname, port=self.port,
+            **{name: getattr(self, name) for name in _SHARED_ROUTER_FIELDS},
+            graceful_timeout=self.graceful_termination_timeout,
+        )
+
+
+# Fields that LaunchConfig hands to RouterConfig unchanged (same name, same meaning).
+_SHARED_ROUTER_FIELDS = (
+    "max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_top_n_tokens",
+    "max_input_tokens", "max_total_tokens", "max_client_batch_size", "payload_limit",
+    "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
+    "max_waiting_tokens", "waiting_served_ratio", "enable_prefill_logprobs", "api_key",
+)
+
+
+def _problems(c: LaunchConfig) -> list[str]:
+    """Human-readable violations, in TGI's wording where TGI checks the same thing."""
+    checks = [
+        (c.num_shard >= 1, "`num_shard` must be >= 1"),
+        (c.dtype in DTYPES, f"`dtype` must be one of {', '.join(DTYPES)}"),
+        (c.device in DEVICES, f"`device` must be one of {', '.join(DEVICES)}"),
+        (0 <= c.port <= 65535, "`port` must be between 0 and 65535"),
+        (0.0 < c.memory_fraction <= 1.0, "`memory_fraction` must be in (0, 1]"),
+        (c.waiting_served_ratio >= 0.0, "`waiting_served_ratio` must be >= 0"),
+        (c.graceful_termination_timeout >= 0, "`graceful_termination_timeout` must be >= 0"),
+        (c.block_size >= 1, "`block_size` must be >= 1"),
+        (bool(c.shard_command) and bool(c.router_command), "empty shard or router command"),
+    ]
+    inp, total, prefill = c.max_input_tokens, c.max_total_tokens, c.max_batch_prefill_tokens
+    if inp is not None and total is not None:
+        checks.append((inp < total, "`max_input_tokens` must be < `max_total_tokens`"))
+    if inp is not None and prefill is not None:
+        checks.append((
+            prefill >= inp, "`max_batch_prefill_tokens` must be >= `max_input_tokens`"
+        ))
+    if prefill is not None and c.max_batch_total_tokens is not None:
+        checks.append((
+            prefill <= c.max_batch_total_tokens,
+            "`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`",
+        ))
+    return [message for ok, message in checks if not ok]
+
+
+def default_uds_path() -> str:
+    """Unique per launcher process, so parallel launches on one machine don't collide."""
+    return f"/tmp/tgi-server-{os.getpid()}"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
