@@ -9,6 +9,7 @@ import shlex
 from typing import Annotated, Any
 
 import typer
+
 from tgi_server.launcher.config import ROUTER_COMMAND, SHARD_COMMAND, LaunchConfig
 from tgi_server.launcher.supervisor import launch
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
 from tgi_server.launcher.process import Child
 
 # Plain (non-terminal) progress: how often to check for state changes / print a summary.

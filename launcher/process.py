@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -161,6 +162,27 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
             self.exit_code.set_result(code)
 
 
+# Prefixed to every child's command on Linux: the child dies with the launcher even when the
+# launcher is SIGKILLed (PR_SET_PDEATHSIG survives exec), so no orphan keeps a GPU or a port.
+_ORPHAN_GUARD = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):  # the launcher died before prctl
+    sys.exit(1)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as err:
+    print(f"ERROR: cannot run {sys.argv[2]!r}: {err.strerror}", file=sys.stderr)
+    sys.exit(127)
+"""
+
+
+def _guarded(argv: list[str]) -> list[str]:
+    if sys.platform.startswith("linux") and sys.executable:
+        return [sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), *argv]
+    return argv
+
+
 async def spawn(
     name: str, argv: list[str], env: dict[str, str],
     on_line: Callable[[Child, str], None], states: tuple[tuple[str, str], ...] = (),
@@ -168,11 +190,13 @@ async def spawn(
     loop = asyncio.get_running_loop()
     try:
         transport, protocol = await loop.subprocess_exec(
-            lambda: _Protocol(loop), *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            lambda: _Protocol(loop), *_guarded(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env=env, start_new_session=True,
         )
     except OSError as err:
-        raise ChildFailed(f"{name} failed to start: cannot run {argv[0]!r}: {err.strerror}")
+        raise ChildFailed(
+            f"{name} failed to start: cannot run {argv[0]!r}: {err.strerror}"
+        ) from None
     return Child(name, transport, protocol, on_line, states)
 
 

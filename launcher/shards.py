@@ -12,6 +12,7 @@ import stat
 from collections.abc import Callable
 
 import grpc
+
 from tgi_server.launcher.argv import to_argv
 from tgi_server.launcher.config import LaunchConfig
 from tgi_server.launcher.process import Child, ChildFailed, child_env, spawn

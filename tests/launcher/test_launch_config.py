@@ -1,0 +1,160 @@
+"""`tgi-launch` flags and env vars -> LaunchConfig -> ShardConfig / RouterConfig argv."""
+
+import dataclasses
+import os
+import socket
+
+import pytest
+import typer
+
+from tgi_server.launcher.argv import from_argv, to_argv
+from tgi_server.launcher.cli import parse_config
+from tgi_server.launcher.config import LaunchConfig
+from tgi_server.router.config import RouterConfig
+from tgi_server.shard.config import ShardConfig
+
+# TGI's launcher defaults (launcher/src/main.rs) for the flags we share with it.
+TGI_DEFAULTS = {
+    "revision": None, "trust_remote_code": False,
+    "hostname": "0.0.0.0", "port": 3000, "master_addr": "localhost",
+    "max_concurrent_requests": 128, "max_best_of": 2, "max_stop_sequences": 4,
+    "max_top_n_tokens": 5, "max_input_tokens": None, "max_total_tokens": None,
+    "max_batch_prefill_tokens": None, "max_batch_total_tokens": None, "max_batch_size": None,
+    "max_waiting_tokens": 20, "waiting_served_ratio": 0.3, "max_client_batch_size": 4,
+    "payload_limit": 2_000_000, "enable_prefill_logprobs": False, "api_key": None,
+    "graceful_termination_timeout": 90.0, "json_output": False,
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """No flag env var from the machine running the tests leaks into the parse."""
+    for name in list(os.environ):
+        if name in {"HOSTNAME", "PORT", "MODEL_ID", "REVISION", "DTYPE", "DEVICE", "API_KEY"} or (
+            name.startswith(("MAX_", "NUM_", "MASTER_", "SHARD_", "MEMORY_", "CUDA_MEMORY"))
+        ):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_equal_tgi():
+    config = parse_config(["--model-id", "m"])
+    assert {name: getattr(config, name) for name in TGI_DEFAULTS} == TGI_DEFAULTS
+    assert config.model_id == "m"
+    assert config.num_shard == 1
+
+
+def test_cli_defaults_equal_dataclass_defaults():
+    parsed = parse_config(["--model-id", "m"])
+    assert parsed == LaunchConfig(model_id="m")
+
+
+def test_router_defaults_are_launch_defaults():
+    """A flag left alone means the router's own default: the two cannot drift apart."""
+    router = LaunchConfig(model_id="m", shard_uds_path="/tmp/x", master_port=1).to_router_config()
+    assert to_argv(router) == ["--tokenizer", "m", "--shard-urls", "/tmp/x-0", "--model-id", "m"]
+
+
+@pytest.mark.parametrize(("env", "field", "expected"), [
+    ({"MAX_INPUT_TOKENS": "100"}, "max_input_tokens", 100),
+    ({"MAX_INPUT_LENGTH": "101"}, "max_input_tokens", 101),
+    ({"MAX_TOTAL_TOKENS": "4096"}, "max_total_tokens", 4096),
+    ({"NUM_SHARD": "2"}, "num_shard", 2),
+    ({"PORT": "8080"}, "port", 8080),
+    ({"HOSTNAME": "127.0.0.1"}, "hostname", "127.0.0.1"),
+    ({"WAITING_SERVED_RATIO": "1.2"}, "waiting_served_ratio", 1.2),
+    ({"CUDA_MEMORY_FRACTION": "0.5"}, "memory_fraction", 0.5),
+    ({"TRUST_REMOTE_CODE": "true"}, "trust_remote_code", True),
+    ({"GRACEFUL_TERMINATION_TIMEOUT": "5"}, "graceful_termination_timeout", 5.0),
+    ({"API_KEY": "secret"}, "api_key", "secret"),
+])
+def test_env_vars(monkeypatch, env, field, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert getattr(parse_config(["--model-id", "m"]), field) == expected
+
+
+def test_model_id_from_env_and_alias(monkeypatch):
+    assert parse_config(["--model", "a"]).model_id == "a"
+    monkeypatch.setenv("MODEL_ID", "b")
+    assert parse_config([]).model_id == "b"
+
+
+def test_flag_beats_env(monkeypatch):
+    monkeypatch.setenv("MAX_INPUT_TOKENS", "100")
+    assert parse_config(["--model-id", "m", "--max-input-tokens", "7"]).max_input_tokens == 7
+
+
+@pytest.mark.parametrize(("argv", "field", "expected"), [
+    (["--max-input-length", "50"], "max_input_tokens", 50),
+    (["--cuda-memory-fraction", "0.3"], "memory_fraction", 0.3),
+    (["-p", "81"], "port", 81),
+    (["--enable-prefill-logprobs"], "enable_prefill_logprobs", True),
+    (["--shard-command", "python fake.py --x 'a b'"], "shard_command",
+     ("python", "fake.py", "--x", "a b")),
+])
+def test_aliases_and_flags(argv, field, expected):
+    assert getattr(parse_config(["--model-id", "m", *argv]), field) == expected
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-input-tokens", "10", "--max-total-tokens", "10"], "must be < `max_total_tokens`"),
+    (["--max-input-tokens", "10", "--max-batch-prefill-tokens", "5"], "must be >= `max_input"),
+    (["--num-shard", "0"], "num_shard"),
+    (["--dtype", "float8"], "dtype"),
+    (["--memory-fraction", "1.5"], "memory_fraction"),
+])
+def test_bad_combinations_are_usage_errors(argv, message):
+    with pytest.raises(typer.BadParameter, match=message):
+        parse_config(["--model-id", "m", *argv])
+
+
+def test_resolved_picks_unique_socket_and_free_port():
+    config = LaunchConfig(model_id="m").resolved()
+    assert config.shard_uds_path == f"/tmp/tgi-server-{os.getpid()}"
+    with socket.socket() as sock:
+        sock.bind(("", config.master_port))  # nobody holds it
+    explicit = LaunchConfig(model_id="m", shard_uds_path="/tmp/s", master_port=29500).resolved()
+    assert (explicit.shard_uds_path, explicit.master_port) == ("/tmp/s", 29500)
+
+
+def test_unresolved_config_has_no_shard_config():
+    with pytest.raises(ValueError, match="resolved"):
+        LaunchConfig(model_id="m").to_shard_config(0)
+
+
+def launch_config(**overrides) -> LaunchConfig:
+    return LaunchConfig(
+        model_id="org/model", revision="v2", num_shard=2, dtype="bfloat16", device="cpu",
+        trust_remote_code=True, hostname="127.0.0.1", port=8080, shard_uds_path="/tmp/u",
+        master_addr="10.0.0.1", master_port=29501, max_input_tokens=1000,
+        max_total_tokens=2000, max_batch_prefill_tokens=4000, max_batch_total_tokens=8000,
+        max_batch_size=32, waiting_served_ratio=1.5, enable_prefill_logprobs=True,
+        api_key="k", block_size=32, memory_fraction=0.5, num_threads=3,
+        graceful_termination_timeout=7.5, **overrides,
+    )
+
+
+def test_shard_config_round_trips_through_argv():
+    config = launch_config()
+    for rank in range(config.num_shard):
+        shard = config.to_shard_config(rank)
+        assert from_argv(ShardConfig, to_argv(shard)) == shard
+    assert config.to_shard_config(1) == ShardConfig(
+        model_id="org/model", revision="v2", dtype="bfloat16", device="cpu", rank=1,
+        world_size=2, uds_path="/tmp/u", master_addr="10.0.0.1", master_port=29501,
+        block_size=32, memory_fraction=0.5, num_threads=3, trust_remote_code=True,
+    )
+    assert config.to_shard_config(1).socket_path == "/tmp/u-1"
+
+
+def test_router_config_round_trips_through_argv():
+    router = launch_config().to_router_config()
+    assert from_argv(RouterConfig, to_argv(router)) == router
+    assert router.shard_urls == ("/tmp/u-0", "/tmp/u-1")  # rank 0 first
+    assert router.tokenizer == router.model_id == "org/model"
+    assert router.graceful_timeout == 7.5
+    shared = {f.name for f in dataclasses.fields(RouterConfig)} & {
+        f.name for f in dataclasses.fields(LaunchConfig)}
+    config = launch_config()
+    assert {name: getattr(router, name) for name in shared} == {
+        name: getattr(config, name) for name in shared}
