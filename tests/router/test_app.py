@@ -128,12 +128,14 @@ async def test_generate(router, tokenizer):
     assert router.fake.requests[prefill[2][0]].input_ids == tokenizer.encode(PROMPT)
 
 
-async def test_generate_details(router, tokenizer):
-    response = await router.http.post("/generate", json={
-        "inputs": PROMPT,
-        "parameters": {"max_new_tokens": 3, "details": True, "decoder_input_details": True,
-                       "top_n_tokens": 2, "return_full_text": True},
-    })
+async def test_generate_details(tokenizer):
+    # NOTE: as TGI, prompt logprobs are only computed with --enable-prefill-logprobs.
+    async with serve(tokenizer, enable_prefill_logprobs=True) as router:
+        response = await router.http.post("/generate", json={
+            "inputs": PROMPT,
+            "parameters": {"max_new_tokens": 3, "details": True, "decoder_input_details": True,
+                           "top_n_tokens": 2, "return_full_text": True},
+        })
     assert response.status_code == 200
     body = response.json()
     tokens, text = expected(tokenizer, 3)
