@@ -78,7 +78,8 @@ class Supervisor:
             probes = [wait_shard_ready(s, p) for s, p in zip(shards, self.config.socket_paths())]
             await self._until_ready(shards, probes)
             progress.report_changes()
-            self.output.info(f"all {len(shards)} shard(s) ready, starting the router")
+            elapsed_s = max(s.elapsed_s() for s in shards)
+            self.output.info(f"all {len(shards)} shard(s) ready in {elapsed_s:.1f}s, starting the router")
             router = await self._add(spawn_router(self.config, self.output.child_line))
             await self._until_ready([router], [wait_router_ready(router, self.config)])
             progress.report_changes()
