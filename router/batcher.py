@@ -213,6 +213,10 @@ class Batcher:
         finish = g.finish_reason
         if text.stop is not None and finish is None and text.stop.push(delta)[1]:
             finish = FinishReason.STOP_SEQUENCE
+        if finish is not None:
+            # The last token carries any bytes held back as an incomplete character, so the
+            # streamed texts add up to the full text.
+            delta += text.detokenizer.flush()
         event = InferEvent(
             token=self._token(g.token_id, g.logprob, delta),
             top_tokens=[self._token(i, lp) for i, lp in g.top_tokens],

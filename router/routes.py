@@ -231,12 +231,18 @@ async def generate(request: Request) -> Response:
 
 async def generate_stream(request: Request) -> Response:
     # NOTE: as in TGI, the status is always 200 and every error (422, 429...) arrives in-stream.
-    async def events():
+    # The body is read before streaming starts: once the response streams, Starlette listens
+    # for the client's disconnect on the same receive channel.
+    try:
         body = await parse_body(request, p.GenerateRequest)
-        async for event in stream_events(request, body.inputs, body.parameters):
-            yield event
+    except InferError as e:
+        return sse_response(failed_stream(e), error_event)
+    return sse_response(stream_events(request, body.inputs, body.parameters), error_event)
 
-    return sse_response(events(), error_event)
+
+async def failed_stream(error: InferError) -> AsyncIterator[p.StreamResponse]:
+    raise error
+    yield  # unreachable: the yield makes this an async generator
 
 
 async def compat_generate(request: Request) -> Response:

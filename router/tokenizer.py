@@ -45,6 +45,7 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         self._prefix_offset = 0
         self._text_parts: list[str] = []
+        self._generated_ids: list[int] = []
 
     @property
     def text(self) -> str:
@@ -54,6 +55,7 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text it completes (maybe empty)."""
         self._ids.append(token_id)
+        self._generated_ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
@@ -62,7 +64,17 @@ class IncrementalDetokenizer:
         return self._emit(new_text[len(prefix_text) :])
 
     def flush(self) -> str:
-        """At the end of generation: the held-back text, U+FFFD included if never completed."""
+        """At the end of generation: the held-back text, U+FFFD included if never completed.
+
+        NOTE: decoding windows is not exactly additive around invalid UTF-8 (each maximal
+        invalid byte run becomes one U+FFFD), so the tail is taken from one decode of every
+        generated token: then the deltas always add up to the full text.
+        """
+        full_text = self._decode(self._generated_ids)
+        emitted = self.text
+        if full_text.startswith(emitted):
+            self._advance()
+            return self._emit(full_text[len(emitted) :]) if len(full_text) > len(emitted) else ""
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text):

@@ -19,7 +19,7 @@ PROMPTS = [
     "for i in range(10):\n    print(i)",
     "Ünïcödé → 文字 🙂 and more text after it, to make this prompt the longest one of all of them",
 ]
-MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = 32
 LAUNCH_FLAGS = ("--max-batch-total-tokens", "2048", "--max-total-tokens", "512",
                 "--max-input-tokens", "256", "--max-batch-prefill-tokens", "512")
 
@@ -64,6 +64,11 @@ def assert_same_or_near_tie(reference, prompt: str, expected: list[int], got: li
         f"divergence at step {step} is not a near-tie (gap {gap}): {expected} vs {got}")
 
 
+def batch_concat_count(url: str) -> float:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("tgi_batch_concat{"))
+
+
 async def generate(client: httpx.AsyncClient, prompt: str, delay: float, **params) -> dict:
     await asyncio.sleep(delay)
     body = {"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW_TOKENS, "details": True, **params}}
@@ -78,9 +83,12 @@ def test_concurrent_staggered_greedy_equals_transformers(served, reference):
     async def run():
         async with httpx.AsyncClient(base_url=url) as client:
             # Staggered arrivals: later requests join a batch that is already decoding.
-            return await asyncio.gather(*(generate(client, p, 0.15 * i) for i, p in enumerate(PROMPTS)))
+            return await asyncio.gather(*(generate(client, p, 0.03 * i) for i, p in enumerate(PROMPTS)))
 
+    concat_before = batch_concat_count(url)
     results = asyncio.run(run())
+    # Later arrivals were prefilled and joined a batch that was already decoding.
+    assert batch_concat_count(url) > concat_before
     for prompt, result in zip(PROMPTS, results):
         got = [t["id"] for t in result["details"]["tokens"]]
         assert result["details"]["generated_tokens"] == len(got)
@@ -103,7 +111,10 @@ def test_stream_equals_non_stream(served):
     assert events[-1]["generated_text"] == full["generated_text"]
     assert all(e["generated_text"] is None for e in events[:-1])
     assert events[-1]["details"]["finish_reason"] == full["details"]["finish_reason"]
-    assert "".join(e["token"]["text"] for e in events if not e["token"]["special"]) == full["generated_text"]
+    # The per-token texts add up to the decoded tokens (special ones included).
+    tokenizer = AutoTokenizer.from_pretrained(served[0])
+    ids = [e["token"]["id"] for e in events]
+    assert "".join(e["token"]["text"] for e in events) == tokenizer.decode(ids)
 
 
 BAD_PARAMETERS = [
@@ -147,8 +158,9 @@ def test_bad_bodies_and_server_keeps_serving(served):
                       json={"inputs": "hi", "parameters": {"temperature": -1}}, timeout=10) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data:")]
     assert json.loads(lines[-1][5:])["error_type"] == "validation"
-    r = httpx.post(f"{url}/generate", json={"inputs": "still alive?", "parameters": {"max_new_tokens": 3}}, timeout=30)
-    assert r.status_code == 200 and r.json()["generated_text"]
+    body = {"inputs": "still alive?", "parameters": {"max_new_tokens": 3, "details": True}}
+    r = httpx.post(f"{url}/generate", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["details"]["generated_tokens"] >= 1
 
 
 def test_compat_route_info_metrics_tokenize(served):
