@@ -49,10 +49,15 @@ class Output:
             })
         else:
             text = message if source == "launcher" else f"[{source}] {message}"
-        if self.live is not None:
-            self.live.console.print(Text(text))
-        else:
-            print(text, file=self.stream, flush=True)
+        try:
+            if self.live is not None:
+                self.live.console.print(Text(text))
+            else:
+                print(text, file=self.stream, flush=True)
+        except OSError:
+            # NOTE: a closed stream (`tgi-launch | head`) must not stop us draining the
+            # children's pipes, or they would block on their next write.
+            pass
 
 
 class StartupProgress:

@@ -70,9 +70,12 @@ class Child:
         code = self.returncode
         if code is None:
             return "still running"
-        if code < 0:
+        if code >= 0:
+            return f"exit code {code}"
+        try:
             return f"signal {signal.Signals(-code).name}"
-        return f"exit code {code}"
+        except ValueError:
+            return f"signal {-code}"
 
     async def stop(self, timeout_s: float) -> bool:
         """SIGTERM its process group, SIGKILL it after `timeout_s`; True if it had to be killed.
@@ -102,8 +105,7 @@ class Child:
         await asyncio.wait(self._readers, timeout=_DRAIN_TIMEOUT_S)
         for reader in self._readers:
             reader.cancel()
-        if self.state != "ready" or code != 0:
-            self.state = f"exited ({self.exit_description()})"
+        self.state = f"exited ({self.exit_description()})"
         return code
 
     async def _forward(self, stream: Any, is_stderr: bool) -> None:

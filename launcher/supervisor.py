@@ -75,13 +75,16 @@ class Supervisor:
             for rank in range(self.config.num_shard):
                 await self._add(spawn_shard(self.config, rank, self.output.child_line))
             shards = list(self.children)
-            probes = [wait_shard_ready(s, p) for s, p in zip(shards, self.config.socket_paths())]
-            await self._until_ready(shards, probes)
+            await self._until_ready(
+                [wait_shard_ready(s, p) for s, p in zip(shards, self.config.socket_paths())]
+            )
             progress.report_changes()
-            elapsed_s = max(s.elapsed_s() for s in shards)
-            self.output.info(f"all {len(shards)} shard(s) ready in {elapsed_s:.1f}s, starting the router")
+            self.output.info(
+                f"all {len(shards)} shard(s) ready in "
+                f"{max(s.elapsed_s() for s in shards):.1f}s, starting the router"
+            )
             router = await self._add(spawn_router(self.config, self.output.child_line))
-            await self._until_ready([router], [wait_router_ready(router, self.config)])
+            await self._until_ready([wait_router_ready(router, self.config)])
             progress.report_changes()
 
     async def _add(self, spawning: Awaitable[Child]) -> Child:
@@ -89,11 +92,11 @@ class Supervisor:
         self.children.append(child)
         return child
 
-    async def _until_ready(self, children: list[Child], probes: list[Awaitable[None]]) -> None:
-        """Wait for every probe; a child exiting first is a startup failure."""
+    async def _until_ready(self, probes: list[Awaitable[None]]) -> None:
+        """Wait for every probe; any child exiting first is a startup failure."""
         probe_tasks = [asyncio.create_task(probe) for probe in probes]
         stop = asyncio.create_task(self._stop_requested.wait())
-        exits = {child.exited: child for child in children}
+        exits = {child.exited: child for child in self.children}
         try:
             pending = set(probe_tasks)
             while pending:

@@ -1,6 +1,7 @@
 """A stand-in for `tgi-router`, spawned by the launcher in tests.
 
-argv: RECORD_DIR MODE ROUTER_ARGV... with MODE ok | error | die=SECONDS.
+argv: RECORD_DIR MODE ROUTER_ARGV... with MODE ok | error | die=SECONDS (serve, then exit 5) |
+slow=SECONDS (warm up that long before serving).
 Serves `GET /health` -> 200. Writes RECORD_DIR/router.json and, on SIGTERM, router.term.
 """
 
@@ -41,6 +42,9 @@ def main() -> None:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
+    if mode.startswith("slow="):
+        print("warming up the shards...", file=sys.stderr, flush=True)
+        time.sleep(float(mode.split("=")[1]))
     server = ThreadingHTTPServer((config.hostname, config.port), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print("warming up the shards... serving", file=sys.stderr, flush=True)

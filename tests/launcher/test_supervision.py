@@ -77,6 +77,14 @@ def test_shard_dying_later_stops_everything(launcher):
     assert wait_dead(launched.recorded_pids()) == []
 
 
+def test_shard_dying_while_the_router_warms_up_is_a_startup_failure(launcher):
+    launched = launcher("die=0.5@0", "slow=30")
+    assert launched.wait(10) == 1
+    launched.wait_for_line("shard 0 failed to start: ERROR: simulated crash")
+    assert launched.term_time("router") is not None
+    assert wait_dead(launched.recorded_pids()) == []
+
+
 def test_router_dying_later_stops_the_shards(launcher):
     launched = launcher("ok", "die=1.0")
     launched.wait_for_line("ready at")
