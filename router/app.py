@@ -122,15 +122,16 @@ async def build_state(config: RouterConfig, client: ShardedClient, tokenizer=Non
     )
 
 
-def create_app(config: RouterConfig, client: ShardedClient | None = None, tokenizer=None) -> Starlette:
+def create_app(config: RouterConfig, client: ShardedClient | None = None, tokenizer=None,
+               state: RouterState | None = None) -> Starlette:
+    """The app; start-up happens in its lifespan unless a built `state` is given."""
     from tgi_server.router.routes import exception_handlers, routes
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         shards = client or ShardedClient(config.shard_urls)
-        state = await build_state(config, shards, tokenizer)
-        app.state.router = state
-        task = asyncio.create_task(state.batcher.run(), name="batcher")
+        app.state.router = state or await build_state(config, shards, tokenizer)
+        task = asyncio.create_task(app.state.router.batcher.run(), name="batcher")
         try:
             yield
         finally:
@@ -138,6 +139,6 @@ def create_app(config: RouterConfig, client: ShardedClient | None = None, tokeni
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             if client is None:
-                await shards.close()
+                await app.state.router.client.close()
 
     return Starlette(routes=routes(), exception_handlers=exception_handlers(), lifespan=lifespan)

@@ -131,7 +131,10 @@ class Batcher:
         self.metrics.batch_next_size.observe(len(entries))
         requests = [
             BatchRequest(e.id, e.request, e.block_ids,
-                         prefill_logprobs=e.request.decoder_input_details)
+                         # NOTE: as in TGI, prompt logprobs cost a full-vocab projection per
+                         # prompt token, so they are computed only with --enable-prefill-logprobs.
+                         prefill_logprobs=(e.request.decoder_input_details
+                                           and self.config.enable_prefill_logprobs))
             for e in entries
         ]
         batch_id = next(self._batch_ids)
