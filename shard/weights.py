@@ -100,19 +100,25 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     unexpected: list[str] = []
     for path in safetensors_files(model_dir):
         with safe_open(path, framework="pt", device="cpu") as f:
-            for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if hf_name.endswith(ignored):
-                    continue
-                name, shard_id = _target(hf_name, mapping)
-                param = params.get(name)
-                if param is None:
-                    unexpected.append(hf_name)
-                    continue
+            names = list(f.keys())
+        for hf_name in names:
+            if hf_name.endswith(ignored):
+                continue
+            name, shard_id = _target(hf_name, mapping)
+            param = params.get(name)
+            if param is None:
+                unexpected.append(hf_name)
+                continue
+            # NOTE: one mapping per tensor. safetensors reads through an mmap, and every page
+            # read stays resident in this process until the file is unmapped: with the file
+            # kept open, a rank's peak memory would include every page it touched (whole rows
+            # of row-parallel weights) on top of its slice.
+            with safe_open(path, framework="pt", device="cpu") as f:
                 try:
                     param.weight_loader(param, f.get_slice(hf_name), shard_id)
                 except ValueError as e:
                     raise WeightsError(f"{path.name}: {hf_name}: {e}") from None
-                loaded.add((name, shard_id))
+            loaded.add((name, shard_id))
     missing = sorted(
         name if shard_id is None else f"{name}[{shard_id}]"
         for name, shard_id in _expected_shards(params, mapping) - loaded
