@@ -6,19 +6,22 @@ starting `ERROR: ` before exiting 1.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import sys
 
 import torch
 
 from tgi_server.launcher.argv import from_argv
 from tgi_server.proto import generate_pb2 as pb
-from tgi_server.shard.config import ShardConfig
-from tgi_server.shard.distributed import init_distributed
+from tgi_server.shard.config import ShardConfig, host_port
+from tgi_server.shard.distributed import all_gather_object, init_distributed
 from tgi_server.shard.model_runner import ModelRunner
 from tgi_server.shard.models import load_model
 from tgi_server.shard.server import TextGenerationService, serve
+from tgi_server.shard.sharding import check_num_shard, read_config
 from tgi_server.shard.weights import resolve_model_dir
 
 logger = logging.getLogger("tgi_server.shard")
@@ -42,17 +45,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def set_cpu_threads(num_threads: int | None, world_size: int) -> int:
+    """Give this shard its share of the cores, so N shards on one machine don't oversubscribe.
+
+    The default share is the cores this process may run on divided by `world_size`.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = num_threads or max(1, (cores or 1) // world_size)
+    torch.set_num_threads(threads)
+    # NOTE: a step runs its ops one after another, so an inter-op pool per shard would only
+    # add idle threads competing for the same cores. Settable once, before any parallel work.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    return threads
+
+
 def build_service(config: ShardConfig) -> TextGenerationService:
     device = resolve_device(config.device)
     if device.type == "cuda":
         device = torch.device("cuda", config.rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     dtype = resolve_dtype(config.dtype, device)
-    threads = config.num_threads or max(1, (os.cpu_count() or 1) // config.world_size)
-    torch.set_num_threads(threads)
+    threads = set_cpu_threads(config.num_threads, config.world_size)
+    model_dir = resolve_model_dir(config.model_id, config.revision)
+    # Before the rendezvous: a split that cannot work fails every rank at once, in one line.
+    check_num_shard(read_config(model_dir), config.world_size)
     tp = init_distributed(config.rank, config.world_size, config.master_addr, config.master_port,
                           device.type)
-    model_dir = resolve_model_dir(config.model_id, config.revision)
     logger.info("loading %s (%s, %s, rank %d/%d, %d threads)", model_dir, dtype, device,
                 config.rank, config.world_size, threads)
     model = load_model(model_dir, dtype, device, tp)
@@ -70,8 +89,30 @@ def build_service(config: ShardConfig) -> TextGenerationService:
         attention_impl="paged",
         world_size=config.world_size,
     )
-    urls = [f"{config.uds_path}-{rank}" for rank in range(config.world_size)]
+    # NOTE: ranks may run on other machines with their own socket paths, so each one tells the
+    # others where it serves; rank 0's ServiceDiscovery hands the list to a router (as TGI).
+    urls = all_gather_object(advertised_url(config), tp)
     return TextGenerationService(config, runner, urls, info)
+
+
+def advertised_url(config: ShardConfig) -> str:
+    """Where a router reaches this shard: host:port when serving TCP, else the socket path."""
+    if config.grpc_port is None:
+        return config.socket_path
+    host = config.grpc_host
+    if host in ("0.0.0.0", "::", ""):
+        host = route_address(config.master_addr)
+    return host_port(host, config.grpc_port)
+
+
+def route_address(peer: str) -> str:
+    """This machine's address on the route to `peer` (no packet is sent: UDP connect only)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((peer, 9))
+            return probe.getsockname()[0]
+    except OSError:
+        return socket.gethostname()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     if os.path.exists(config.socket_path):
         os.unlink(config.socket_path)
     logger.info("ready")
-    asyncio.run(serve(service, f"unix://{config.socket_path}"))
+    try:
+        asyncio.run(serve(service, config.listen_addresses))
+    except OSError as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

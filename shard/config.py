@@ -26,10 +26,26 @@ class ShardConfig:
     # CPU threads for torch; None: the machine's cores divided by world_size.
     num_threads: int | None = None
     trust_remote_code: bool = False
+    # Also serve gRPC over TCP on grpc_host:grpc_port (None: the unix socket only), so a router
+    # on another machine can reach this shard (multi-node, `tgi-router --shard-urls host:port`).
+    grpc_port: int | None = None
+    grpc_host: str = "0.0.0.0"
 
     @property
     def socket_path(self) -> str:
         return f"{self.uds_path}-{self.rank}"
+
+    @property
+    def listen_addresses(self) -> list[str]:
+        """gRPC addresses to serve on: the unix socket, and host:port when `grpc_port` is set."""
+        addresses = [f"unix://{self.socket_path}"]
+        if self.grpc_port is not None:
+            addresses.append(host_port(self.grpc_host, self.grpc_port))
+        return addresses
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def for_rank(self, rank: int) -> "ShardConfig":
         return dataclasses.replace(self, rank=rank)

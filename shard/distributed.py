@@ -57,3 +57,12 @@ def all_gather(x: torch.Tensor, tp: ParallelState, dim: int = -1) -> torch.Tenso
     parts = [torch.empty_like(x) for _ in range(tp.world_size)]
     dist.all_gather(parts, x.contiguous(), group=tp.group)
     return torch.cat(parts, dim=dim)
+
+
+def all_gather_object(obj: object, tp: ParallelState) -> list:
+    """Every rank's `obj` (picklable), in rank order; used once at startup, not per step."""
+    if tp.world_size == 1:
+        return [obj]
+    objects: list = [None] * tp.world_size
+    dist.all_gather_object(objects, obj, group=tp.group)
+    return objects

@@ -7,6 +7,8 @@ runs, and steps never overlap.
 
 import asyncio
 import logging
+import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,7 +47,12 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except Exception as e:
+            if self.config.world_size > 1:
+                exit_broken_group(e)
+            raise
 
     async def Info(self, request, context):
         return self.info
@@ -121,6 +128,16 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return response
 
 
+def exit_broken_group(error: Exception) -> None:
+    """A failed step leaves the ranks out of step in their collectives (or a peer is gone):
+    the group cannot recover, so the shard exits and its launcher stops the whole server."""
+    logger.error("model step failed", exc_info=error)
+    reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+    print(f"ERROR: tensor-parallel step failed, stopping this shard: {reason}",
+          file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turn exceptions in handlers into INTERNAL errors carrying the exception's text."""
 
@@ -146,10 +163,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-async def serve(service: TextGenerationService, address: str) -> None:
+async def serve(service: TextGenerationService, addresses: list[str]) -> None:
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
-    server.add_insecure_port(address)
+    for address in addresses:
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind to address ..."
+            bound = 0
+        if not bound:
+            raise OSError(f"cannot serve gRPC on {address}: address in use or not available")
     await server.start()
-    logger.info("serving on %s", address)
+    logger.info("serving on %s", ", ".join(addresses))
     await server.wait_for_termination()
