@@ -146,6 +146,22 @@ class ShardedClient:
     def __init__(self, urls: list[str] | tuple[str, ...]):
         self.shards = [ShardClient(u) for u in urls]
 
+    async def connect(self) -> None:
+        """Complete and check the shard list before first use.
+
+        Given only rank 0's address (TGI's `--master-shard-uds-path`), learn the others from
+        its ServiceDiscovery: ranks on other machines serve over TCP (multi-node).
+        """
+        info = await self.shards[0].call("Info", pb.InfoRequest())
+        if len(self.shards) == 1 and info.world_size > 1:
+            found = await self.shards[0].call("ServiceDiscovery", pb.ServiceDiscoveryRequest())
+            self.shards += [ShardClient(url) for url in found.urls[1:]]
+        if len(self.shards) != info.world_size:
+            raise ShardError(
+                f"{len(self.shards)} shard addresses were given but the shards form a "
+                f"tensor-parallel group of {info.world_size}: pass every rank's, or rank 0's only"
+            )
+
     async def _all(self, method: str, request, timeout: float | None = None) -> list:
         return await asyncio.gather(*(s.call(method, request, timeout) for s in self.shards))
 
