@@ -125,12 +125,16 @@ async def build_state(config: RouterConfig, client: ShardedClient, tokenizer=Non
 def create_app(config: RouterConfig, client: ShardedClient | None = None, tokenizer=None,
                state: RouterState | None = None) -> Starlette:
     """The app; start-up happens in its lifespan unless a built `state` is given."""
+    from tgi_server.router import openapi
+    from tgi_server.router.openai import routes as openai
+    from tgi_server.router.openai.serving import OpenAIServing
     from tgi_server.router.routes import exception_handlers, routes
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         shards = client or ShardedClient(config.shard_urls)
         app.state.router = state or await build_state(config, shards, tokenizer)
+        app.state.openai = OpenAIServing.build(app.state.router)
         task = asyncio.create_task(app.state.router.batcher.run(), name="batcher")
         try:
             yield
@@ -141,4 +145,5 @@ def create_app(config: RouterConfig, client: ShardedClient | None = None, tokeni
             if client is None:
                 await app.state.router.client.close()
 
-    return Starlette(routes=routes(), exception_handlers=exception_handlers(), lifespan=lifespan)
+    return Starlette(routes=routes() + openai.routes() + openapi.routes(),
+                     exception_handlers=exception_handlers(), lifespan=lifespan)

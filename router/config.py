@@ -32,5 +32,9 @@ class RouterConfig:
     waiting_served_ratio: float = 0.3
     enable_prefill_logprobs: bool = False
     api_key: str | None = None
+    # OpenAI API: a Jinja chat template file overriding the tokenizer's, and the model names
+    # clients may ask for (default: the model id; "tgi" is always accepted too).
+    chat_template: str | None = None
+    served_model_name: tuple[str, ...] = ()
     # Seconds in-flight requests get to finish on SIGTERM.
     graceful_timeout: float = 90.0

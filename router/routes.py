@@ -53,12 +53,13 @@ async def parse_body(request: Request, model: type[pydantic.BaseModel]):
 
 
 async def validate(request: Request, inputs: str, parameters: p.GenerateParameters,
-                   stream: bool) -> ValidRequest:
+                   stream: bool, add_special_tokens: bool = True) -> ValidRequest:
     state = request.app.state.router
     state.metrics.request_count.inc()
     start = time.monotonic()
     try:
-        valid = await asyncio.to_thread(state.validator.validate, inputs, parameters, stream)
+        valid = await asyncio.to_thread(state.validator.validate, inputs, parameters, stream,
+                                        add_special_tokens=add_special_tokens)
     except ValidationError as e:
         state.metrics.request_failure.inc(err="validation")
         raise validation_error(str(e)) from e

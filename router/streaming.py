@@ -12,22 +12,25 @@ from starlette.responses import StreamingResponse
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse_event(payload: BaseModel | str) -> bytes:
+def sse_event(payload: BaseModel | str, prefix: str = "data:") -> bytes:
     data = payload if isinstance(payload, str) else payload.model_dump_json()
-    return f"data:{data}\n\n".encode()
+    return f"{prefix}{data}\n\n".encode()
 
 
 def sse_response(events: AsyncIterator[BaseModel], on_error: Callable[[Exception], BaseModel],
-                 done_marker: str | None = None) -> StreamingResponse:
-    """Stream `events`; an exception becomes a final `on_error(e)` event, then `done_marker`."""
+                 done_marker: str | None = None, prefix: str = "data:") -> StreamingResponse:
+    """Stream `events`; an exception becomes a final `on_error(e)` event, then `done_marker`.
+
+    `prefix`: TGI's native streams write `data:{json}`, OpenAI's `data: {json}` (both valid SSE).
+    """
 
     async def body():
         try:
             async for event in events:
-                yield sse_event(event)
+                yield sse_event(event, prefix)
         except Exception as e:  # noqa: BLE001 -- reported in-stream, as TGI does
-            yield sse_event(on_error(e))
+            yield sse_event(on_error(e), prefix)
         if done_marker is not None:
-            yield sse_event(done_marker)
+            yield sse_event(done_marker, prefix)
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
