@@ -117,6 +117,15 @@ def tgi_launch(
         "--api-key", env="API_KEY",
         help="When set, requests need `Authorization: Bearer <key>`.",
     )] = None,
+    chat_template: Annotated[str | None, _opt(
+        "--chat-template", env="CHAT_TEMPLATE",
+        help="Jinja chat template file for /v1/chat/completions (default: the tokenizer's).",
+    )] = None,
+    served_model_name: Annotated[list[str] | None, _opt(
+        "--served-model-name", env="SERVED_MODEL_NAME",
+        help="Model name(s) the OpenAI API answers to; repeat the flag or separate with commas "
+             "(default: the model id; `tgi` is always accepted).",
+    )] = None,
     block_size: Annotated[int, _opt(
         "--block-size", env="BLOCK_SIZE", help="Tokens per KV-cache block.",
     )] = 16,
@@ -153,6 +162,9 @@ def config_from_params(params: dict[str, Any]) -> LaunchConfig:
     values = dict(params)
     values["shard_command"] = _command(values.get("shard_command"), SHARD_COMMAND)
     values["router_command"] = _command(values.get("router_command"), ROUTER_COMMAND)
+    values["served_model_name"] = tuple(
+        name.strip() for names in values.get("served_model_name") or () for name in names.split(",")
+    )
     try:
         return LaunchConfig(**values)
     except ValueError as err:

@@ -55,6 +55,9 @@ class LaunchConfig:
     waiting_served_ratio: float = 0.3
     enable_prefill_logprobs: bool = False
     api_key: str | None = None
+    # OpenAI API: chat template file override; names clients may ask for (default: model id).
+    chat_template: str | None = None
+    served_model_name: tuple[str, ...] = ()
     # Shard runtime.
     block_size: int = 16
     memory_fraction: float = 0.8
@@ -111,6 +114,7 @@ _SHARED_ROUTER_FIELDS = (
     "max_input_tokens", "max_total_tokens", "max_client_batch_size", "payload_limit",
     "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
     "max_waiting_tokens", "waiting_served_ratio", "enable_prefill_logprobs", "api_key",
+    "chat_template", "served_model_name",
 )
 
 
@@ -126,6 +130,9 @@ def _problems(c: LaunchConfig) -> list[str]:
         (c.graceful_termination_timeout >= 0, "`graceful_termination_timeout` must be >= 0"),
         (c.block_size >= 1, "`block_size` must be >= 1"),
         (bool(c.shard_command) and bool(c.router_command), "empty shard or router command"),
+        (c.chat_template is None or os.path.isfile(c.chat_template),
+         f"`chat_template` {c.chat_template!r} is not a file"),
+        (all(c.served_model_name), "`served_model_name` must not be empty"),
     ]
     inp, total, prefill = c.max_input_tokens, c.max_total_tokens, c.max_batch_prefill_tokens
     if inp is not None and total is not None:
