@@ -61,6 +61,19 @@ def tgi_launch(
         "--master-port", env="MASTER_PORT",
         help="torch.distributed rendezvous port (default: a free port).",
     )] = None,
+    nnodes: Annotated[int, _opt(
+        "--nnodes", env="NNODES",
+        help="Machines the --num-shard ranks are spread over; run tgi-launch on each.",
+    )] = 1,
+    node_rank: Annotated[int, _opt(
+        "--node-rank", env="NODE_RANK",
+        help="This machine's index in [0, --nnodes); node 0 also runs the router.",
+    )] = 0,
+    shard_grpc_port: Annotated[int | None, _opt(
+        "--shard-grpc-port", env="SHARD_GRPC_PORT",
+        help="Shards also serve gRPC on TCP port this + rank "
+             "(default: --master-port + 1 with --nnodes > 1, else unix sockets only).",
+    )] = None,
     max_concurrent_requests: Annotated[int, _opt(
         "--max-concurrent-requests", env="MAX_CONCURRENT_REQUESTS",
         help="Requests in flight beyond this are refused (HTTP 429).",

@@ -38,6 +38,13 @@ class LaunchConfig:
     shard_uds_path: str | None = None
     master_addr: str = "localhost"
     master_port: int | None = None
+    # Multi-node: this machine runs ranks [node_rank * k, (node_rank + 1) * k) of the
+    # num_shard ranks, k = num_shard / nnodes; only node 0 runs the router.
+    nnodes: int = 1
+    node_rank: int = 0
+    # Shards also serve gRPC over TCP on port shard_grpc_port + rank (default: master_port + 1
+    # when nnodes > 1, else unix sockets only), so node 0's router reaches the other nodes.
+    shard_grpc_port: int | None = None
     # Request limits (TGI's names and defaults).
     max_concurrent_requests: int = 128
     max_best_of: int = 2
@@ -90,17 +97,34 @@ class LaunchConfig:
             device=self.device, rank=rank, world_size=self.num_shard,
             uds_path=self.shard_uds_path, master_addr=self.master_addr,
             master_port=self.master_port, block_size=self.block_size,
-            memory_fraction=self.memory_fraction, num_threads=self.num_threads,
+            memory_fraction=self.memory_fraction,
+            num_threads=self.num_threads or default_num_threads(len(self.local_ranks)),
             trust_remote_code=self.trust_remote_code,
+            grpc_port=None if self.grpc_port_base is None else self.grpc_port_base + rank,
         )
 
+    @property
+    def local_ranks(self) -> range:
+        """The ranks this machine runs (all of them on a single node)."""
+        per_node = self.num_shard // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
+
+    @property
+    def grpc_port_base(self) -> int | None:
+        if self.shard_grpc_port is None and self.nnodes > 1 and self.master_port is not None:
+            return self.master_port + 1
+        return self.shard_grpc_port
+
     def socket_paths(self) -> tuple[str, ...]:
-        """Every shard's gRPC socket, rank 0 first."""
-        return tuple(self.to_shard_config(rank).socket_path for rank in range(self.num_shard))
+        """The gRPC socket of every shard on this machine, lowest rank first."""
+        return tuple(self.to_shard_config(rank).socket_path for rank in self.local_ranks)
 
     def to_router_config(self) -> RouterConfig:
+        # NOTE: across nodes the router is given rank 0 only and asks it for the others'
+        # TCP addresses (ServiceDiscovery), as TGI's router does.
+        shard_urls = self.socket_paths() if self.nnodes == 1 else self.socket_paths()[:1]
         return RouterConfig(
-            tokenizer=self.model_id, shard_urls=self.socket_paths(),
+            tokenizer=self.model_id, shard_urls=shard_urls,
             model_id=self.model_id, revision=self.revision,
             hostname=self.hostname, port=self.port,
             **{name: getattr(self, name) for name in _SHARED_ROUTER_FIELDS},
@@ -130,6 +154,13 @@ def _problems(c: LaunchConfig) -> list[str]:
         (c.graceful_termination_timeout >= 0, "`graceful_termination_timeout` must be >= 0"),
         (c.block_size >= 1, "`block_size` must be >= 1"),
         (bool(c.shard_command) and bool(c.router_command), "empty shard or router command"),
+        (c.nnodes >= 1 and 0 <= c.node_rank < c.nnodes,
+         "`node_rank` must be in [0, `nnodes`)"),
+        (c.num_shard % max(c.nnodes, 1) == 0,
+         f"`num_shard` ({c.num_shard}, all nodes together) must be divisible by `nnodes` "
+         f"({c.nnodes})"),
+        (c.nnodes == 1 or c.master_port is not None,
+         "`nnodes` > 1 needs an explicit `master_port`, the same on every node"),
         (c.chat_template is None or os.path.isfile(c.chat_template),
          f"`chat_template` {c.chat_template!r} is not a file"),
         (all(c.served_model_name), "`served_model_name` must not be empty"),
@@ -152,6 +183,12 @@ def _problems(c: LaunchConfig) -> list[str]:
 def default_uds_path() -> str:
     """Unique per launcher process, so parallel launches on one machine don't collide."""
     return f"/tmp/tgi-server-{os.getpid()}"
+
+
+def default_num_threads(num_local_shards: int) -> int:
+    """This machine's cores shared among its shards (at least one thread each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(num_local_shards, 1))
 
 
 def free_port() -> int:

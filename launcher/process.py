@@ -21,6 +21,14 @@ _LINE_LIMIT_BYTES = 1 << 20
 _DRAIN_TIMEOUT_S = 1.0
 
 
+# What usually sends a signal that kills a child, for the one-line report.
+_SIGNAL_HINTS = {
+    signal.SIGKILL: "the kernel's out-of-memory killer, or kill -9",
+    signal.SIGSEGV: "crashed in native code",
+    signal.SIGABRT: "aborted in native code",
+}
+
+
 class ChildFailed(Exception):
     """A child could not start or died: the message is one readable line."""
 
@@ -66,6 +74,15 @@ class Child:
         """Why it died, in its own words: its last `ERROR:` line, else its last stderr line."""
         return self.error_line or self.last_stderr_line
 
+    def failure(self) -> str:
+        """How it ended and why, e.g. `exit code 3: ERROR: ...`. A child killed by a signal
+        had no say: its last line is only what it was doing."""
+        reason = self.reason()
+        if not reason:
+            return self.exit_description()
+        killed = (self.returncode or 0) < 0 and not self.error_line
+        return f"{self.exit_description()}{'; its last output' if killed else ''}: {reason}"
+
     def exit_description(self) -> str:
         code = self.returncode
         if code is None:
@@ -73,9 +90,10 @@ class Child:
         if code >= 0:
             return f"exit code {code}"
         try:
-            return f"signal {signal.Signals(-code).name}"
+            sig = signal.Signals(-code)
         except ValueError:
             return f"signal {-code}"
+        return f"signal {sig.name}" + (f" ({_SIGNAL_HINTS[sig]})" if sig in _SIGNAL_HINTS else "")
 
     async def stop(self, timeout_s: float) -> bool:
         """SIGTERM its process group, SIGKILL it after `timeout_s`; True if it had to be killed.

@@ -17,6 +17,7 @@ from tgi_server.launcher.argv import to_argv
 from tgi_server.launcher.config import LaunchConfig
 from tgi_server.launcher.process import Child, ChildFailed, child_env, spawn
 from tgi_server.proto import generate_pb2, generate_pb2_grpc
+from tgi_server.shard.sharding import ShardingError, check_num_shard, local_config
 
 # Log keywords -> the state shown in the progress display, first match wins.
 SHARD_STATES = (
@@ -29,6 +30,19 @@ _HEALTH_TIMEOUT_S = 2.0
 
 def shard_name(rank: int) -> str:
     return f"shard {rank}"
+
+
+def check_sharding(config: LaunchConfig) -> None:
+    """Refuse an impossible split before spawning anything, when config.json is local.
+
+    (A model still to be downloaded is checked by each shard, before its rendezvous.)
+    """
+    hf_config = local_config(config.model_id, config.revision)
+    if hf_config is not None:
+        try:
+            check_num_shard(hf_config, config.num_shard)
+        except ShardingError as e:
+            raise ChildFailed(str(e)) from None
 
 
 async def spawn_shard(

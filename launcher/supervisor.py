@@ -3,8 +3,13 @@
 Upstream: `cli.py` (a `LaunchConfig`); downstream: `shards.py`, `router.py`, `process.py`.
 
 Exit status: 0 after SIGINT/SIGTERM (router stopped first so it can drain, then the shards);
-1 when a child fails to start or dies, after the others are stopped. A second signal while
+1 when a child fails to start or dies, after the others are stopped at once (a tensor-parallel
+group missing a rank cannot serve, so there is nothing to drain). A second signal while
 stopping kills every process group at once.
+
+Multi-node (`--nnodes`): each machine's launcher supervises its own ranks; only node 0 runs
+the router. A node's failure reaches the others through the process group: their ranks' next
+collective fails, those shards exit, and their launchers stop too.
 """
 
 import asyncio
@@ -22,6 +27,7 @@ from tgi_server.launcher.router import (
     wait_router_ready,
 )
 from tgi_server.launcher.shards import (
+    check_sharding,
     clear_stale_socket,
     remove_socket,
     spawn_shard,
@@ -31,6 +37,8 @@ from tgi_server.launcher.shards import (
 # NOTE: the router drains for up to `graceful_termination_timeout` itself; give it a margin
 # before the SIGKILL so its own timeout, not ours, ends the drain.
 _ROUTER_MARGIN_S = 5.0
+# After a child died: how long the others get to exit on SIGTERM before SIGKILL.
+_FAILURE_STOP_S = 2.0
 
 
 class Stopped(Exception):
@@ -51,15 +59,17 @@ class Supervisor:
         self.children: list[Child] = []
         self._stop_requested = asyncio.Event()
         self._shutting_down = False
+        self._failed = False
 
     async def run(self) -> int:
         self._install_signal_handlers()
         try:
             await self._start()
-            self.output.info(f"ready at {public_url(self.config)}")
+            self.output.info(self._ready_message())
             await self._supervise()
             return 0
         except ChildFailed as failure:
+            self._failed = True
             self.output.error(str(failure))
             return 1
         except Stopped:
@@ -67,18 +77,33 @@ class Supervisor:
         finally:
             await self._shutdown()
 
+    @property
+    def _runs_router(self) -> bool:
+        return self.config.node_rank == 0
+
+    def _ready_message(self) -> str:
+        if self._runs_router:
+            return f"ready at {public_url(self.config)}"
+        ranks = self.config.local_ranks
+        return (f"ranks {ranks[0]}-{ranks[-1]} of {self.config.num_shard} ready "
+                f"(node {self.config.node_rank}); the router runs on node 0")
+
     async def _start(self) -> None:
-        check_port_free(self.config.hostname, self.config.port)
+        check_sharding(self.config)
+        if self._runs_router:
+            check_port_free(self.config.hostname, self.config.port)
         for path in self.config.socket_paths():
             clear_stale_socket(path)
         async with StartupProgress(self.output, self.children) as progress:
-            for rank in range(self.config.num_shard):
+            for rank in self.config.local_ranks:
                 await self._add(spawn_shard(self.config, rank, self.output.child_line))
             shards = list(self.children)
             await self._until_ready(
                 [wait_shard_ready(s, p) for s, p in zip(shards, self.config.socket_paths())]
             )
             progress.report_changes()
+            if not self._runs_router:
+                return
             self.output.info(
                 f"all {len(shards)} shard(s) ready in "
                 f"{max(s.elapsed_s() for s in shards):.1f}s, starting the router"
@@ -124,14 +149,11 @@ class Supervisor:
         if stop in done:
             return
         dead = next(exits[task] for task in exits if task in done)
-        reason = dead.reason()
-        raise ChildFailed(
-            f"{dead.name} exited unexpectedly with {dead.exit_description()}"
-            + (f": {reason}" if reason else "")
-        )
+        raise ChildFailed(f"{dead.name} exited unexpectedly with {dead.failure()}")
 
     async def _shutdown(self) -> None:
-        """Router first (it drains in-flight requests), then every shard at once."""
+        """Router first (it drains in-flight requests), then every shard at once; after a
+        failure, everything at once without a drain."""
         self._shutting_down = True
         timeout_s = self.config.graceful_termination_timeout
         routers = [c for c in self.children if c.name == ROUTER_NAME]
@@ -139,6 +161,9 @@ class Supervisor:
         running = [c for c in (*routers, *shards) if c.returncode is None]
         if running:
             self.output.info("shutting down: " + ", ".join(c.name for c in running))
+        if self._failed:
+            stop_s = min(timeout_s, _FAILURE_STOP_S)
+            await asyncio.gather(*(self._stop(child, stop_s) for child in running))
         for router in routers:
             await self._stop(router, timeout_s + _ROUTER_MARGIN_S)
         await asyncio.gather(*(self._stop(shard, timeout_s) for shard in shards))

@@ -32,14 +32,14 @@ def launcher(records):
     started: list[Launched] = []
 
     def start(shard: str = "ok", router: str = "ok", *flags: str, port: int | None = None,
-              shard_command: str | None = None) -> Launched:
+              shard_command: str | None = None, model_id: str = "stub-model") -> Launched:
         port = port or free_port()
         python = shlex.quote(sys.executable)
         shard_command = shard_command or (
             f"{python} {shlex.quote(str(STUBS / 'stub_shard.py'))} {records} {shard}")
         router_command = f"{python} {shlex.quote(str(STUBS / 'stub_router.py'))} {records} {router}"
         argv = [
-            sys.executable, "-m", "tgi_server.launcher.cli", "--model-id", "stub-model",
+            sys.executable, "-m", "tgi_server.launcher.cli", "--model-id", model_id,
             "--hostname", "127.0.0.1", "--port", str(port),
             "--shard-uds-path", str(records / "s"), "--graceful-termination-timeout", "3",
             "--shard-command", shard_command, "--router-command", router_command, *flags,

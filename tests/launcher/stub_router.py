@@ -1,7 +1,8 @@
 """A stand-in for `tgi-router`, spawned by the launcher in tests.
 
 argv: RECORD_DIR MODE ROUTER_ARGV... with MODE ok | error | die=SECONDS (serve, then exit 5) |
-slow=SECONDS (warm up that long before serving).
+slow=SECONDS (warm up that long before serving) | drain=SECONDS (take that long to exit on
+SIGTERM, as a router draining long requests).
 Serves `GET /health` -> 200. Writes RECORD_DIR/router.json and, on SIGTERM, router.term.
 """
 
@@ -39,6 +40,8 @@ def main() -> None:
     def on_term(*_) -> None:
         with open(os.path.join(record_dir, "router.term"), "w") as f:
             f.write(str(time.time()))
+        if mode.startswith("drain="):
+            time.sleep(float(mode.split("=")[1]))
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)

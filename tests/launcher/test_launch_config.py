@@ -9,7 +9,7 @@ import typer
 
 from tgi_server.launcher.argv import from_argv, to_argv
 from tgi_server.launcher.cli import parse_config
-from tgi_server.launcher.config import LaunchConfig
+from tgi_server.launcher.config import LaunchConfig, default_num_threads
 from tgi_server.router.config import RouterConfig
 from tgi_server.shard.config import ShardConfig
 
@@ -102,6 +102,10 @@ def test_aliases_and_flags(argv, field, expected):
     (["--num-shard", "0"], "num_shard"),
     (["--dtype", "float8"], "dtype"),
     (["--memory-fraction", "1.5"], "memory_fraction"),
+    (["--nnodes", "2", "--num-shard", "2"], "needs an explicit `master_port`, the same on every"),
+    (["--nnodes", "2", "--num-shard", "3", "--master-port", "1"],
+     r"`num_shard` \(3, all nodes together\) must be divisible by `nnodes` \(2\)"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-port", "1"], "`node_rank` must be in"),
 ])
 def test_bad_combinations_are_usage_errors(argv, message):
     with pytest.raises(typer.BadParameter, match=message):
@@ -123,15 +127,15 @@ def test_unresolved_config_has_no_shard_config():
 
 
 def launch_config(**overrides) -> LaunchConfig:
-    return LaunchConfig(
+    return LaunchConfig(**{**dict(
         model_id="org/model", revision="v2", num_shard=2, dtype="bfloat16", device="cpu",
         trust_remote_code=True, hostname="127.0.0.1", port=8080, shard_uds_path="/tmp/u",
         master_addr="10.0.0.1", master_port=29501, max_input_tokens=1000,
         max_total_tokens=2000, max_batch_prefill_tokens=4000, max_batch_total_tokens=8000,
         max_batch_size=32, waiting_served_ratio=1.5, enable_prefill_logprobs=True,
         api_key="k", block_size=32, memory_fraction=0.5, num_threads=3,
-        graceful_termination_timeout=7.5, **overrides,
-    )
+        graceful_termination_timeout=7.5), **overrides,
+    })
 
 
 def test_shard_config_round_trips_through_argv():
@@ -158,3 +162,27 @@ def test_router_config_round_trips_through_argv():
     config = launch_config()
     assert {name: getattr(router, name) for name in shared} == {
         name: getattr(config, name) for name in shared}
+
+
+def test_multi_node_ranks_ports_and_router_addresses():
+    node1 = launch_config(nnodes=2, node_rank=1, num_shard=4, num_threads=None)
+    assert list(node1.local_ranks) == [2, 3]
+    assert node1.socket_paths() == ("/tmp/u-2", "/tmp/u-3")
+    shard = node1.to_shard_config(3)
+    assert (shard.rank, shard.world_size, shard.master_port) == (3, 4, 29501)
+    assert shard.grpc_port == 29501 + 1 + 3  # default: TCP ports after the rendezvous port
+    assert shard.listen_addresses == ["unix:///tmp/u-3", "0.0.0.0:29505"]
+    assert shard.num_threads == default_num_threads(2)  # this machine's cores, 2 local shards
+    # Node 0's router gets rank 0 only; it finds the others through ServiceDiscovery.
+    node0 = launch_config(nnodes=2, node_rank=0, num_shard=4)
+    assert node0.to_router_config().shard_urls == ("/tmp/u-0",)
+    single = launch_config(shard_grpc_port=40000)
+    assert [single.to_shard_config(r).grpc_port for r in (0, 1)] == [40000, 40001]
+    assert launch_config().to_shard_config(0).grpc_port is None  # unix sockets only
+
+
+def test_default_threads_share_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert default_num_threads(1) == cores
+    assert default_num_threads(cores * 4) == 1
+    assert launch_config(num_threads=None, num_shard=1).to_shard_config(0).num_threads == cores

@@ -77,7 +77,10 @@ def test_child_keeps_its_error_line_and_state():
 def test_child_without_error_line_reports_its_last_stderr_line():
     child = run_child("import os, sys; print('boom', file=sys.stderr); os.kill(os.getpid(), 9)",
                       Output(stream=io.StringIO()))
-    assert (child.reason(), child.exit_description()) == ("boom", "signal SIGKILL")
+    assert (child.reason(), child.exit_description()) == (
+        "boom", "signal SIGKILL (the kernel's out-of-memory killer, or kill -9)")
+    assert child.failure() == (
+        "signal SIGKILL (the kernel's out-of-memory killer, or kill -9); its last output: boom")
 
 
 def test_json_output_lines():

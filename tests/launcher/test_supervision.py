@@ -1,6 +1,7 @@
 """The launcher's startup, failure and shutdown behaviour, with stub shards and router."""
 
 import json
+import os
 import signal
 import socket
 import sys
@@ -83,6 +84,50 @@ def test_shard_dying_while_the_router_warms_up_is_a_startup_failure(launcher):
     launched.wait_for_line("shard 0 failed to start: ERROR: simulated crash")
     assert launched.term_time("router") is not None
     assert wait_dead(launched.recorded_pids()) == []
+
+
+def test_sigkilled_shard_stops_everything_at_once_without_a_drain(launcher):
+    """A group missing a rank cannot serve: the router is not given its drain timeout."""
+    launched = launcher("ok", "drain=60", "--num-shard", "2",
+                        "--graceful-termination-timeout", "60")
+    launched.wait_for_line("ready at")
+    start = time.monotonic()
+    os.kill(launched.record("shard-1")["pid"], signal.SIGKILL)
+    assert launched.wait(10) == 1
+    assert time.monotonic() - start < 6  # 2 s of SIGTERM grace, then SIGKILL
+    failure = launched.wait_for_line("exited unexpectedly")
+    assert failure.endswith(
+        "shard 1 exited unexpectedly with signal SIGKILL (the kernel's out-of-memory killer, "
+        "or kill -9); its last output: ready")
+    launched.wait_for_line("router did not stop within 2s: killed")
+    assert wait_dead(launched.recorded_pids()) == []
+
+
+def test_node_1_runs_its_ranks_and_no_router(launcher, records):
+    launched = launcher("ok", "ok", "--num-shard", "4", "--nnodes", "2", "--node-rank", "1",
+                        "--master-addr", "10.1.2.3", "--master-port", "29700")
+    launched.wait_for_line("ranks 2-3 of 4 ready (node 1); the router runs on node 0")
+    assert not (records / "router.json").exists()
+    assert not (records / "shard-0.json").exists()
+    for rank in (2, 3):
+        shard = launched.record(f"shard-{rank}")
+        assert shard["env"] == {"RANK": str(rank), "WORLD_SIZE": "4",
+                                "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29700"}
+        assert shard["config"]["grpc_port"] == 29701 + rank  # TCP for node 0's router
+    launched.signal(signal.SIGTERM)
+    assert launched.wait(10) == 0
+    assert wait_dead(launched.recorded_pids()) == []
+
+
+def test_unsupported_split_fails_before_spawning_anything(launcher, records, model_dir):
+    launched = launcher("ok", "ok", "--num-shard", "3", model_id=str(model_dir("llama")))
+    assert launched.wait(10) == 1
+    errors = [line for line in launched.lines if "cannot split" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "cannot split the model over 3 shards: 4 attention heads are not divisible by 3; "
+        "2 key/value heads neither divide 3 nor are divisible by it; intermediate size 128 is "
+        "not divisible by 3. Valid --num-shard values for this model: 1, 2, 4")
+    assert not list(records.glob("shard-*"))
 
 
 def test_router_dying_later_stops_the_shards(launcher):
