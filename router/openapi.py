@@ -41,10 +41,15 @@ def _json(schema: dict, description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _sse(event: dict, description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {"text/event-stream": {"schema": {"type": "string"},
-                                              "x-event-schema": event}}}
+def _sse(events: list[type[BaseModel]], description: str, done: str | None = None
+         ) -> dict[str, Any]:
+    """An event stream: `schema` describes one event, whose `data` is JSON of `events`."""
+    data: dict[str, Any] = {"type": "string", "contentMediaType": "application/json",
+                            "contentSchema": {"anyOf": [_ref(m) for m in events]}}
+    if done is not None:
+        data = {"anyOf": [{"const": done}, data]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {"description": description, "content": {"text/event-stream": {"schema": event}}}
 
 
 def _errors(model: type[BaseModel], *statuses: int) -> dict[str, Any]:
@@ -66,7 +71,7 @@ def _get(summary: str, tag: str, responses: dict, **extra: Any) -> dict[str, Any
 def _native_paths() -> dict[str, Any]:
     errors = _errors(native.ErrorResponse, 422, 424, 429)
     generated = _json(_ref(native.GenerateResponse), "Generated text")
-    stream = _sse(_ref(native.StreamResponse),
+    stream = _sse([native.StreamResponse, native.ErrorResponse],
                   "One `data:{StreamResponse}` event per token; errors arrive in-stream")
     compat = {"description": "A list of one GenerateResponse, or an event stream",
               "content": {**_json(_array(native.GenerateResponse))["content"],
@@ -96,8 +101,9 @@ def _openai_paths() -> dict[str, Any]:
     errors = _errors(openai.OpenAIErrorResponse, 400, 404, 429)
 
     def answer(model: type[BaseModel], chunk: type[BaseModel]) -> dict[str, Any]:
-        stream = _sse(_ref(chunk), "With `stream: true`: `data: {chunk}` events, then "
-                                   "`data: [DONE]`")
+        stream = _sse([chunk, openai.OpenAIErrorResponse],
+                      "With `stream: true`: `data: {chunk}` events (an error one if generation "
+                      "fails midway), then `data: [DONE]`", done="[DONE]")
         return {"200": {"description": "The answer, or an event stream",
                         "content": {**_json(_ref(model))["content"], **stream["content"]}},
                 **errors}

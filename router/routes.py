@@ -44,7 +44,7 @@ def error_event(e: Exception) -> p.ErrorResponse:
 async def parse_body(request: Request, model: type[pydantic.BaseModel]):
     try:
         return model.model_validate(json.loads(await request.body()))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a body that is not UTF-8 too
         raise validation_error(f"Failed to parse the request body as JSON: {e}") from e
     except pydantic.ValidationError as e:
         first = e.errors()[0]
