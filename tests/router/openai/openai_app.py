@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import httpx
 from fake_shard import FakeShardClient
+from starlette.applications import Starlette
 
 from tgi_server.router.app import RouterState, create_app
 from tgi_server.router.config import RouterConfig
@@ -29,6 +30,7 @@ class Router:
     http: httpx.AsyncClient
     fake: RecordingShard
     state: RouterState
+    app: Starlette
 
 
 @contextlib.asynccontextmanager
@@ -39,4 +41,4 @@ async def serve(tokenizer, fake: RecordingShard | None = None, **config):
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
-            yield Router(http, fake, app.state.router)
+            yield Router(http, fake, app.state.router, app)

@@ -4,6 +4,7 @@ The fake shard's next token is `(last * 31 + 7) % 512`, so every answer is predi
 the chat-templated prompt's last token.
 """
 
+import asyncio
 import json
 
 import pytest
@@ -237,6 +238,55 @@ async def test_stream_failing_midway_ends_with_an_error_event(tokenizer):
         assert events[-1]["error"]["type"] == "server_error"
         assert "Request failed during generation" in events[-1]["error"]["message"]
         assert router.state.infer.num_in_flight == 0
+
+
+async def call_until_disconnect(router, path: str, body: dict, disconnect: asyncio.Event):
+    """Call the app as an ASGI server would; the client leaves when `disconnect` is set."""
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    sent = []
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "server": ("router", 80), "client": ("client", 1)}
+    try:
+        await asyncio.wait_for(router.app(scope, receive, send), 10)
+    except asyncio.CancelledError:  # how `routes.until_disconnect` abandons a request
+        pass
+    return sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_disconnect_cancels_every_choice(tokenizer, stream):
+    disconnect = asyncio.Event()
+    fake = RecordingShard(delay=0.001)
+
+    async def leave_at_step(method, step):
+        if step == 4:
+            disconnect.set()
+
+    fake.before_step = leave_at_step
+    async with serve(tokenizer, fake) as router:
+        body = dict(messages=MESSAGES, max_tokens=100, n=3, stream=stream, seed=1)
+        await call_until_disconnect(router, "/v1/chat/completions", body, disconnect)
+        for _ in range(200):
+            if not fake.live_request_ids and router.state.infer.num_in_flight == 0:
+                break
+            await asyncio.sleep(0.005)
+        assert router.state.infer.num_in_flight == 0
+        assert not fake.live_request_ids and not fake.violations
+        assert all(len(r.generated) < 100 for r in fake.requests.values())
+        allocator = router.state.batcher.allocator
+        assert allocator.num_free_blocks == allocator.num_blocks
 
 
 # ---- completions -------------------------------------------------------------------------
