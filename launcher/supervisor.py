@@ -131,8 +131,8 @@ class Supervisor:
                 if stop in done:
                     raise Stopped
                 for dead in (exits[task] for task in done if task in exits):
-                    reason = dead.reason() or dead.exit_description()
-                    raise ChildFailed(f"{dead.name} failed to start: {reason}")
+                    raise ChildFailed(f"{dead.name} failed to start: "
+                                      f"{dead.error_line or dead.failure()}")
                 for task in done & pending:
                     task.result()
                 pending -= done
