@@ -11,9 +11,7 @@ import asyncio
 import functools
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pydantic
 from starlette.requests import Request
@@ -26,15 +24,15 @@ from tgi_server.router.openai import protocol as p
 from tgi_server.router.openai.chat_template import ChatTemplateError, render_chat
 from tgi_server.router.openai.serving import (
     ChoiceText,
+    Job,
     OpenAIServing,
     check_capacity,
-    generate_all,
-    stream_all,
+    run,
+    stream,
 )
 from tgi_server.router.streaming import sse_response
 from tgi_server.router.types import ValidRequest
 
-SYSTEM_FINGERPRINT = f"tgi-server-{native.VERSION}"
 # Native parameter names in the validator's messages -> what OpenAI clients sent.
 _NATIVE_NAMES = {"`max_new_tokens`": "`max_tokens`", "`inputs`": "the prompt",
                  "`top_n_tokens`": "`top_logprobs`"}
@@ -98,69 +96,6 @@ async def parse_body(request: Request, model: type[pydantic.BaseModel]):
 
 def serving(request: Request) -> OpenAIServing:
     return request.app.state.openai  # built with the router state, in `app.py`'s lifespan
-
-
-@dataclass(slots=True)
-class Job:
-    """The validated prompts of one request and their choices, `n` per prompt, in order."""
-
-    request: Request
-    gen: p.GenerationParams
-    model: str
-    prompts: list[ValidRequest]
-    started_at: float
-    choices: list[ValidRequest]
-
-    @classmethod
-    def of(cls, request: Request, gen: p.GenerationParams, model: str,
-           prompts: list[ValidRequest], started_at: float) -> "Job":
-        choices = [gen.choice_request(v, i) for v in prompts for i in range(gen.n)]
-        return cls(request, gen, model, prompts, started_at, choices)
-
-    def prompt_of(self, choice: int) -> ValidRequest:
-        return self.prompts[choice // self.gen.n]
-
-    def usage(self, num_completion_tokens: int) -> p.Usage:
-        num_prompt_tokens = sum(v.num_prompt_tokens for v in self.prompts)
-        return p.Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
-                       total_tokens=num_prompt_tokens + num_completion_tokens)
-
-    def on_choice_done(self, choice: int, final: InferEvent) -> None:
-        """Metrics once per prompt (as `/generate` with best_of), on its first choice."""
-        if choice % self.gen.n == 0:
-            native.record_success(self.request.app.state.router, self.prompt_of(choice), final,
-                                  self.started_at)
-
-    def on_failure(self, e: Exception) -> None:
-        if isinstance(e, InferError) and e.error_type != "overloaded":
-            self.request.app.state.router.metrics.request_failure.inc(err=e.error_type)
-
-    def header(self, prefix: str) -> dict:
-        return dict(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=self.model,
-                    system_fingerprint=SYSTEM_FINGERPRINT)
-
-
-async def run(job: Job) -> list[list[InferEvent]]:
-    infer = job.request.app.state.router.infer
-    try:
-        results = await native.until_disconnect(job.request, generate_all(infer, job.choices))
-    except InferError as e:
-        job.on_failure(e)
-        raise
-    for choice, events in enumerate(results):
-        job.on_choice_done(choice, events[-1])
-    return results
-
-
-async def stream(job: Job) -> AsyncIterator[tuple[int, InferEvent]]:
-    try:
-        async for choice, event in stream_all(job.request.app.state.router.infer, job.choices):
-            if event.finish_reason is not None:
-                job.on_choice_done(choice, event)
-            yield choice, event
-    except InferError as e:
-        job.on_failure(e)
-        raise
 
 
 def openai_stream(events: AsyncIterator[pydantic.BaseModel]) -> Response:

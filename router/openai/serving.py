@@ -1,8 +1,8 @@
 """Runs the choices of an OpenAI request on the native path and turns tokens into OpenAI text.
 
-Upstream: `routes.py`, with the `ValidRequest` of each choice (from the native `Validator`).
-Downstream: the same `Infer` (queue, batcher) as `/generate`. `n` choices are `n` independent
-requests, each holding one concurrency permit. `ChoiceText` turns a choice's tokens into
+Upstream: `routes.py` builds a `Job`: the validated prompts (from the native `Validator`) and
+their choices. Downstream: the same `Infer` (queue, batcher) as `/generate`; `n` choices are
+`n` independent requests, each holding one concurrency permit, with the native metrics. `ChoiceText` turns a choice's tokens into
 content: special tokens skipped (as `decode(skip_special_tokens=True)`), stop sequences cut
 off, and text that may still become a stop sequence held back while streaming.
 """
@@ -10,24 +10,29 @@ off, and text that may still become a stop sequence held back while streaming.
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from tgi_server.router.infer import Infer, InferEvent, overloaded
+from starlette.requests import Request
+
+from tgi_server.router import routes as native
+from tgi_server.router.infer import Infer, InferError, InferEvent, overloaded
 from tgi_server.router.openai.chat_template import read_chat_template
-from tgi_server.router.openai.protocol import OpenAIError
+from tgi_server.router.openai.protocol import GenerationParams, OpenAIError, Usage
 from tgi_server.router.tokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from tgi_server.router.types import ValidRequest
 
 # Model names always accepted: "tgi" (TGI's convention) and "dummy", which huggingface_hub's
 # InferenceClient sends when it was given a base URL instead of a model id.
 ALIASES = ("tgi", "dummy")
+SYSTEM_FINGERPRINT = f"tgi-server-{native.VERSION}"
 
 
 @dataclass(frozen=True)
 class OpenAIServing:
-    """What the OpenAI routes need beyond the router state; built on first use."""
+    """What the OpenAI routes need beyond the router state; built at start-up (`app.py`)."""
 
     model_names: tuple[str, ...]
     chat_template: str | None
@@ -119,6 +124,69 @@ async def stream_all(infer: Infer, requests: list[ValidRequest]
         finally:
             for task in tasks:
                 task.cancel()
+
+
+@dataclass(slots=True)
+class Job:
+    """The validated prompts of one request and their choices, `n` per prompt, in order."""
+
+    request: Request
+    gen: GenerationParams
+    model: str
+    prompts: list[ValidRequest]
+    started_at: float
+    choices: list[ValidRequest]
+
+    @classmethod
+    def of(cls, request: Request, gen: GenerationParams, model: str,
+           prompts: list[ValidRequest], started_at: float) -> "Job":
+        choices = [gen.choice_request(v, i) for v in prompts for i in range(gen.n)]
+        return cls(request, gen, model, prompts, started_at, choices)
+
+    def prompt_of(self, choice: int) -> ValidRequest:
+        return self.prompts[choice // self.gen.n]
+
+    def usage(self, num_completion_tokens: int) -> Usage:
+        num_prompt_tokens = sum(v.num_prompt_tokens for v in self.prompts)
+        return Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
+                     total_tokens=num_prompt_tokens + num_completion_tokens)
+
+    def on_choice_done(self, choice: int, final: InferEvent) -> None:
+        """Metrics once per prompt (as `/generate` with best_of), on its first choice."""
+        if choice % self.gen.n == 0:
+            native.record_success(self.request.app.state.router, self.prompt_of(choice), final,
+                                  self.started_at)
+
+    def on_failure(self, e: Exception) -> None:
+        if isinstance(e, InferError) and e.error_type != "overloaded":
+            self.request.app.state.router.metrics.request_failure.inc(err=e.error_type)
+
+    def header(self, prefix: str) -> dict:
+        return dict(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=self.model,
+                    system_fingerprint=SYSTEM_FINGERPRINT)
+
+
+async def run(job: Job) -> list[list[InferEvent]]:
+    infer = job.request.app.state.router.infer
+    try:
+        results = await native.until_disconnect(job.request, generate_all(infer, job.choices))
+    except InferError as e:
+        job.on_failure(e)
+        raise
+    for choice, events in enumerate(results):
+        job.on_choice_done(choice, events[-1])
+    return results
+
+
+async def stream(job: Job) -> AsyncIterator[tuple[int, InferEvent]]:
+    try:
+        async for choice, event in stream_all(job.request.app.state.router.infer, job.choices):
+            if event.finish_reason is not None:
+                job.on_choice_done(choice, event)
+            yield choice, event
+    except InferError as e:
+        job.on_failure(e)
+        raise
 
 
 class ChoiceText:
