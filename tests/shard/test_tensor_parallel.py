@@ -279,3 +279,15 @@ def test_each_rank_reads_only_its_slice(model_dir, monkeypatch, arch, world_size
         # Replicated: the norms, and at world 4 each of the 2 kv heads on 2 ranks.
         replicated = 0.005 if world_size < 4 else 0.03
         assert sum(reads) <= checkpoint_bytes * (1 / world_size + replicated)
+
+
+def test_shard_threads_are_its_share_of_the_cores():
+    code = ("import os, torch; from tgi_server.shard.cli import set_cpu_threads; "
+            "n = set_cpu_threads(None, 2); "
+            "print(n, torch.get_num_threads(), torch.get_num_interop_threads(), "
+            "len(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    threads, intra, interop, cores = map(int, out)
+    assert threads == intra == max(1, cores // 2)
+    assert interop == 1  # no idle inter-op pool per shard competing for the same cores
