@@ -21,6 +21,9 @@ from torch import Tensor
 LogitsProcessor = Callable[[Sequence[int], Tensor], Tensor]
 
 
+MIN_TEMPERATURE = 1e-30
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """The sampling parameters of one request; 0 / 1.0 disable a feature (see generate.proto)."""
@@ -158,7 +161,10 @@ class _BatchParams:
         return cls(
             penalties=_Penalties.build(params, device),
             **_bias_tensors(params, vocab_size, device),
-            temperature=_column_if([p.temperature if p.do_sample else 1.0 for p in params],
+            # NOTE: clamped so a tiny temperature (1e-300 is 0 in float32) cannot divide by
+            # zero or overflow; at 1e-30 sampling is already the argmax.
+            temperature=_column_if([max(p.temperature, MIN_TEMPERATURE) if p.do_sample else 1.0
+                                    for p in params],
                                    1.0, device),
             sample_rows=torch.tensor(rows, dtype=torch.int64, device=device),
             num_sampling=len(rows),

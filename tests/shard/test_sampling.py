@@ -278,3 +278,12 @@ def test_invalid_params_rejected():
         build([SamplingParams(logit_bias={VOCAB: 1.0})])
     with pytest.raises(ValueError):
         build([SamplingParams()])(random_logits(2), [0, 0])
+
+
+def test_tiny_temperature_samples_the_argmax_without_nan():
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(do_sample=True, temperature=t, seed=1) for t in (1e-300, 1e-30, 1e-6)]
+    sampler = Sampler.build(params, [[1, 2]] * 3, 64, torch.device("cpu"))
+    out = sampler(logits, [0, 0, 0])
+    assert out.next_token_ids.tolist() == logits.argmax(dim=-1).tolist()
+    assert not torch.isnan(out.logprobs).any()
