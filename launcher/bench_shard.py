@@ -1,0 +1,92 @@
+"""Shard micro-benchmark: one decode step with no router and no gRPC.
+
+`python -m tgi_server.launcher.bench_shard [--model PATH] [--batch-sizes 1,8,32,64]` times, per
+batch size, (a) the model's forward + LM head alone and (b) the runner's whole decode step
+(inputs, forward, sampling, outputs), so the end-to-end benchmark's inter-token latency minus
+(b) is the router + gRPC cost, and (b) minus (a) the shard's host work.
+"""
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tgi_server.shard.attention import forward_context
+from tgi_server.shard.batch import Batch
+from tgi_server.shard.distributed import ParallelState
+from tgi_server.shard.kv_cache import allocate_kv_cache
+from tgi_server.shard.model_runner import ModelRunner
+from tgi_server.shard.models import load_model
+from tgi_server.shard.sampling import Sampler, SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def make_batch(runner: ModelRunner, batch_size: int, prompt_len: int, max_new: int) -> Batch:
+    blocks_per_seq = -(-(prompt_len + max_new) // runner.block_size)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, runner.vocab_size, (prompt_len,), generator=gen).tolist()
+               for _ in range(batch_size)]
+    n = batch_size
+    return Batch(
+        batch_id=1, request_ids=list(range(n)), token_ids=prompts,
+        num_prompt_tokens=[prompt_len] * n, num_computed_tokens=[0] * n,
+        block_tables=[list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(n)],
+        max_new_tokens=[max_new] * n, ignore_eos=[True] * n, top_n_tokens=[0] * n,
+        prefill_logprobs=[False] * n,
+        sampler=Sampler.build([SamplingParams()] * n, prompts, runner.vocab_size, runner.device),
+    )
+
+
+@torch.inference_mode()
+def time_steps(runner: ModelRunner, batch_size: int, prompt_len: int, steps: int) -> dict:
+    batch = make_batch(runner, batch_size, prompt_len, steps * 2 + 4)
+    runner.prefill(batch)
+    forward_ms, step_ms = [], []
+    for _ in range(steps):
+        inputs = runner.prepare_decode(batch)
+        start = time.perf_counter()
+        with forward_context(inputs.meta):
+            hidden = runner.model(inputs.input_ids, inputs.positions)
+        runner.model.compute_logits(hidden[inputs.last_token_rows])
+        forward_ms.append((time.perf_counter() - start) * 1000)
+        # NOTE: the forward above wrote this step's k/v; the real step rewrites the same slots.
+        start = time.perf_counter()
+        runner.decode(batch)
+        step_ms.append((time.perf_counter() - start) * 1000)
+    fwd, step = statistics.median(forward_ms), statistics.median(step_ms)
+    return {"batch": batch_size, "forward_ms": fwd, "step_ms": step, "host_ms": step - fwd,
+            "tok_s": batch_size / step * 1000}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=".cache/bench-models/llama-medium-seed0-v2")
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads; "
+          f"torch {torch.__version__}; model {args.model}; prompt {args.prompt_len} tokens")
+    print("\n| dtype | batch | forward ms | step ms | shard host ms | tok/s |\n|---|---|---|---|---|---|")
+    for name in args.dtypes.split(","):
+        dtype = DTYPES[name]
+        model = load_model(Path(args.model), dtype, torch.device("cpu"), ParallelState())
+        runner = ModelRunner(model, torch.device("cpu"), dtype, 16)
+        need = max(sizes) * (-(-(args.prompt_len + args.steps * 2 + 4) // 16))
+        runner.kv_cache = allocate_kv_cache(model, need, 16, dtype, torch.device("cpu"))
+        for b in sizes:
+            r = time_steps(runner, b, args.prompt_len, args.steps)
+            print(f"| {name} | {b} | {r['forward_ms']:.1f} | {r['step_ms']:.1f} | "
+                  f"{r['host_ms']:.1f} | {r['tok_s']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
