@@ -12,11 +12,13 @@ import logging
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from tgi_server.router.batcher import Batcher, BatchingConfig
 from tgi_server.router.block_allocator import BlockAllocator
 from tgi_server.router.client import ShardedClient, ShardInfo
 from tgi_server.router.config import RouterConfig
+from tgi_server.router.guard import RequestGuard
 from tgi_server.router.infer import Infer
 from tgi_server.router.metrics import Metrics
 from tgi_server.router.queue import Queue
@@ -145,5 +147,6 @@ def create_app(config: RouterConfig, client: ShardedClient | None = None, tokeni
             if client is None:
                 await app.state.router.client.close()
 
-    return Starlette(routes=routes() + openai.routes() + openapi.routes(),
+    guard = Middleware(RequestGuard, api_key=config.api_key, payload_limit=config.payload_limit)
+    return Starlette(routes=routes() + openai.routes() + openapi.routes(), middleware=[guard],
                      exception_handlers=exception_handlers(), lifespan=lifespan)
