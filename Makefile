@@ -6,7 +6,7 @@ PORT ?= 3000
 .PHONY: install proto run test test-all test-gpu lint bench docker model
 
 install:
-	$(PIP) install -q -e '.[test,dev]'
+	$(PIP) install -q -e '.[test,dev,bench]'
 	# TGI's own Python client pins huggingface_hub<1, which transformers 5 rules out; its
 	# code runs fine with the newer hub, so it is installed without its pins for the tests.
 	$(PIP) install -q --no-deps 'text-generation==0.7.0'

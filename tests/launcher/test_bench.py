@@ -1,23 +1,25 @@
-"""The benchmark's pure parts: percentiles, aggregation, the table, settings, prompts.
-No timing assertions: every number here is made up."""
+"""The benchmark's pure parts: percentiles, aggregation, the table, ratios, roof shares,
+settings, server flags, prompts. No timing assertions: every number here is made up."""
 
 import math
+from dataclasses import replace
 
 import pytest
 from transformers import AutoTokenizer
 
-from tgi_server.launcher import bench
-from tgi_server.launcher.bench import RequestTiming, ScenarioResult
+from tgi_server.launcher.bench import compare, output, report, servers, stats, workloads
+from tgi_server.launcher.bench.roofline import Roof
+from tgi_server.launcher.bench.stats import LoadResult, RequestTiming
 
 
 def test_percentile_interpolates_between_closest_ranks():
     values = [4.0, 1.0, 3.0, 2.0]  # unsorted on purpose
-    assert bench.percentile(values, 0) == 1.0
-    assert bench.percentile(values, 100) == 4.0
-    assert bench.percentile(values, 50) == pytest.approx(2.5)
-    assert bench.percentile(values, 90) == pytest.approx(3.7)
-    assert bench.percentile([7.0], 99) == 7.0
-    assert math.isnan(bench.percentile([], 50))
+    assert stats.percentile(values, 0) == 1.0
+    assert stats.percentile(values, 100) == 4.0
+    assert stats.percentile(values, 50) == pytest.approx(2.5)
+    assert stats.percentile(values, 90) == pytest.approx(3.7)
+    assert stats.percentile([7.0], 99) == 7.0
+    assert math.isnan(stats.percentile([], 50))
 
 
 def test_summarize_counts_tokens_and_skips_errors():
@@ -26,64 +28,113 @@ def test_summarize_counts_tokens_and_skips_errors():
         RequestTiming(1.5, [0.3], 1.8, 2),
         RequestTiming(None, [], 0.1, 0, error="HTTP 503: overloaded"),
     ]
-    r = bench.summarize("tgi-server", "concurrent", "3 streams", timings, wall_s=2.0, new_tokens=4)
+    r = stats.summarize("tgi-server", "float32", "c=3", "3 streams", timings, wall_s=2.0,
+                        num_requested_tokens=12, concurrency=3)
     assert (r.num_requests, r.num_errors) == (3, 1)
     assert (r.num_generated_tokens, r.num_requested_tokens) == (5, 12)
     assert r.output_tokens_per_s == pytest.approx(2.5)
+    assert r.requests_per_s == pytest.approx(1.0)  # the two that succeeded
     assert r.ttft_ms["p50"] == pytest.approx(1000.0)
     assert r.itl_ms["p50"] == pytest.approx(200.0)  # pooled over requests: 0.1, 0.2, 0.3
     assert r.itl_ms["p99"] == pytest.approx(298.0)
     assert r.e2e_ms["p90"] == pytest.approx(1700.0)
+    assert r.first_error == "HTTP 503: overloaded"
 
 
-def _result(system: str, scenario: str, tok_s: float) -> ScenarioResult:
-    return ScenarioResult(
-        system=system, scenario=scenario, label=f"{scenario} label", num_requests=2,
+def _result(system: str, load: str, tok_s: float, dtype: str = "float32",
+            concurrency: int = 1) -> LoadResult:
+    return LoadResult(
+        system=system, dtype=dtype, load=load, label=f"{load} label", num_requests=2,
         num_errors=0, num_generated_tokens=256, num_requested_tokens=256, wall_s=10.0,
-        output_tokens_per_s=tok_s, ttft_ms={"p50": 12.345, "p90": 1234.5, "p99": math.nan},
+        output_tokens_per_s=tok_s, requests_per_s=0.2, concurrency=concurrency,
+        ttft_ms={"p50": 12.345, "p90": 1234.5, "p99": math.nan},
         itl_ms={"p50": 50.0, "p90": 60.0, "p99": 70.0}, e2e_ms={"p50": 6543.0},
         other_cpu_share=0.034,
     )
 
 
+ROOF = Roof(threads=2, matmul_gflops={"float32 m=32": 100.0, "float32 m=256": 200.0,
+                                      "bfloat16 m=256": 400.0}, bandwidth_gb_s=20.0)
+
+
 def test_format_table_rows_line_up_with_the_header():
-    results = [_result("tgi-server", "sequential", 25.6), _result("transformers", "sequential", 12.8)]
-    lines = bench.format_table(results).splitlines()
+    results = [_result("tgi-server", "c=1", 25.6), _result("transformers", "c=1", 12.8)]
+    lines = report.format_table(results).splitlines()
     assert len(lines) == 4
     assert {line.count("|") for line in lines} == {lines[0].count("|")}
     assert set(lines[1]) == {"|", "-"}
-    assert lines[2] == ("| tgi-server | sequential label | 2 (0) | 256 (256) | 25.60 "
-                        "| 12.3 / 1234 / – | 50.0 / 60.0 / 70.0 | 6.54 | 3% |")
+    assert lines[2] == ("| tgi-server | float32 | c=1 label | 2 (0) | 256 (256) | 25.60 | 0.20 "
+                        "| 12.3 / 1234 / – | 50.0 / 60.0 / 70.0 | 6.54 / – / – | – | – | 3% |")
 
 
-def test_ratios_pair_ours_with_the_baseline_per_scenario():
-    results = [_result("tgi-server", "sequential", 30.0), _result("transformers", "sequential", 10.0),
-               _result("tgi-server", "concurrent", 90.0)]  # no baseline: no ratio
-    assert bench.ratios(results) == {"sequential": pytest.approx(3.0)}
-    report = bench.format_report(["- machine: x"], results)
-    assert report.startswith("- machine: x\n\n| system |")
-    assert report.endswith("ours / transformers, output tok/s: sequential: 3.00x")
+def test_roof_shares_use_the_dtypes_peak_and_the_steps_per_second():
+    cost = report.ModelCost(params_per_token=100_000_000)  # 0.2 GFLOP/token, 0.4 GB/step fp32
+    flops, bandwidth = report.roof_shares(_result("tgi-server", "c=1", 25.0), cost, ROOF)
+    assert flops == pytest.approx(25 * 0.2 / 200)
+    assert bandwidth == pytest.approx(25 * 0.4 / 20)
+    flops, bandwidth = report.roof_shares(
+        _result("tgi-server", "c=32", 320.0, "bfloat16", concurrency=32), cost, ROOF)
+    assert flops == pytest.approx(320 * 0.2 / 400)
+    assert bandwidth == pytest.approx(10 * 0.2 / 20)  # 10 steps/s of 0.2 GB
+    row = report.format_row(_result("tgi-server", "c=1", 25.0), cost, ROOF)
+    assert row.endswith("| 2% | 50% | 3% |")
+
+
+def test_ratios_pair_ours_with_every_other_system_at_the_same_load_and_dtype():
+    results = [_result("tgi-server", "c=1", 30.0), _result("transformers", "c=1", 10.0),
+               _result("llama.cpp", "c=1", 20.0), _result("vllm", "c=1", 40.0, "bfloat16"),
+               _result("tgi-server", "c=8", 90.0)]  # no peer at c=8, ours has no bf16 c=1
+    assert report.ratios(results) == {
+        "c=1 float32": {"transformers": pytest.approx(3.0), "llama.cpp": pytest.approx(1.5)}}
+    assert report.format_ratios(results)[1] == "- c=1 float32: transformers 3.00x; llama.cpp 1.50x"
+
+
+def test_dtype_ratios_and_router_overhead():
+    results = [_result("tgi-server", "c=1", 20.0), _result("tgi-server", "c=1", 36.0, "bfloat16")]
+    assert report.format_dtype_ratios(results)[1] == "- c=1: 1.80x"
+    shard = [{"dtype": "float32", "batch": 1, "step_ms": 48.0}]
+    lines = report.router_overhead(results, shard)
+    assert lines[1] == ("- float32 c=1: ITL p50 50.0 ms - shard step 48.0 ms = 2.0 ms "
+                        "(4.0% of the ITL)")
+
+
+def test_plot_is_written_or_its_absence_explained(tmp_path):
+    results = [_result("tgi-server", "c=1", 25.0), _result("tgi-server", "c=8", 90.0, concurrency=8),
+               _result("transformers", "c=1", 12.0)]
+    message = report.write_plot(results, tmp_path / "plot.png", "title")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in message
+    else:
+        assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_other_cpu_share_is_busy_time_not_ours_over_all_cores():
-    before, after = bench.CpuSnapshot(100.0, 10.0), bench.CpuSnapshot(118.0, 26.0)
+    before, after = stats.CpuSnapshot(100.0, 10.0), stats.CpuSnapshot(118.0, 26.0)
     # 18 s busy, 16 s of it ours: 2 s of others over 10 s x 2 cores
-    assert bench.other_cpu_share(before, after, wall_s=10.0, cores=2) == pytest.approx(0.1)
-    assert bench.other_cpu_share(before, bench.CpuSnapshot(110.0, 30.0), 10.0, 2) == 0.0
-    assert math.isnan(bench.other_cpu_share(before, after, wall_s=0.0, cores=2))
+    assert stats.other_cpu_share(before, after, wall_s=10.0, cores=2) == pytest.approx(0.1)
+    assert stats.other_cpu_share(before, stats.CpuSnapshot(110.0, 30.0), 10.0, 2) == 0.0
+    assert math.isnan(stats.other_cpu_share(before, after, wall_s=0.0, cores=2))
 
 
 def test_settings_quick_and_overrides():
-    quick = bench.settings_from(bench.parse_args(["--quick", "--concurrency", "4"]))
-    assert (quick.size, quick.new_tokens, quick.concurrency) == ("small", 32, 4)
-    full = bench.settings_from(bench.parse_args([]))
-    assert (full.size, full.prompt_tokens, full.new_tokens, full.concurrency) == (
-        "medium", 128, 128, 32)
+    quick = compare.settings_from(compare.parse_args(["--quick", "--concurrency", "1,4"]))
+    assert (quick.size, quick.workload.new_tokens, quick.levels) == ("small", 32, (1, 4))
+    full = compare.settings_from(compare.parse_args([]))
+    assert (full.size, full.workload.prompt_tokens, full.workload.new_tokens) == (
+        "medium", 128, 128)
+    assert full.levels == (1, 8, 32) and full.dtypes == ("float32", "bfloat16")
+    assert [full.num_requests(c) for c in full.levels] == [3, 8, 32]
+    none = compare.settings_from(compare.parse_args(["--shard-batch-sizes", "", "--dtypes",
+                                                     "bfloat16", "--new-tokens", "16"]))
+    assert (none.shard_batch_sizes, none.dtypes, none.workload.new_tokens) == ((), ("bfloat16",), 16)
 
 
 def test_server_flags_fit_every_stream_in_one_batch():
-    flags = bench.server_flags(bench.Settings())
+    flags = servers.tgi_server_flags("float32", 2, 128, 128, 32)
     values = dict(zip(flags[::2], flags[1::2]))
+    assert values["--dtype"] == "float32"
     assert int(values["--max-batch-total-tokens"]) >= 32 * (128 + 128)
     assert int(values["--max-batch-prefill-tokens"]) >= 32 * 128
     assert int(values["--max-input-tokens"]) < int(values["--max-total-tokens"])
@@ -91,13 +142,29 @@ def test_server_flags_fit_every_stream_in_one_batch():
 
 def test_prompts_have_exact_length_and_distinct_first_blocks(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir("llama", "tiny"))
-    prompts = bench.make_prompts(tokenizer, count=6, num_tokens=32, block_size=16)
+    prompts = workloads.make_prompts(tokenizer, count=6, num_tokens=32, block_size=16)
     ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     assert [len(i) for i in ids] == [32] * 6
     assert len({tuple(i[:16]) for i in ids}) == 6
 
 
+def test_sampled_lengths_stay_in_their_ranges_and_prompts_are_never_reused(model_dir):
+    import random
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir("llama", "tiny"))
+    source = workloads.PromptSource(tokenizer, block_size=16)
+    work = workloads.Workload(prompt_tokens=20, new_tokens=4, prompt_tokens_max=40,
+                              new_tokens_max=9)
+    jobs = work.jobs(source, 12, random.Random(0)) + work.jobs(source, 12, random.Random(0))
+    assert all(20 <= len(j.prompt_ids) <= 40 and 4 <= j.max_new_tokens <= 9 for j in jobs)
+    assert len({len(j.prompt_ids) for j in jobs}) > 1
+    assert all(tokenizer(j.prompt, add_special_tokens=False).input_ids == j.prompt_ids for j in jobs)
+    assert len({j.prompt for j in jobs}) == len(jobs)
+    assert replace(work, new_tokens_max=None).describe() == (
+        "fresh uniform 20-40-token prompts, 4 new tokens, greedy")
+
+
 def test_machine_info_reads_cpu_cores_and_ram():
-    info = bench.machine_info()
+    info = output.machine_info()
     assert int(info["cores"]) >= 1
     assert info["ram"].endswith("GiB") and info["cpu"]

@@ -1,0 +1,3 @@
+from tgi_server.launcher.bench.compare import main
+
+main()

@@ -1,0 +1,282 @@
+"""`make bench`: tgi-server against its peers on the same weights, side by side in one run.
+
+Upstream: `python -m tgi_server.launcher.bench`. Downstream, in this order (no two systems
+ever run at once; each load waits for the machine to be quiet first):
+1. the machine's roofs (`roofline.py`) and the shard micro-benchmark (`bench_shard.py`);
+2. `tgi-launch` in each dtype, driven over HTTP by `loadgen.py` at each concurrency level;
+3. llama.cpp's server and vLLM when found (`baselines.py`), the same way;
+4. transformers `generate` in this process: one request at a time, or one padded batch.
+Every request of the run gets a fresh prompt. The report (`report.py`) is printed and written
+with the JSON and the plot to benchmarks/results/.
+"""
+
+import argparse
+import asyncio
+import gc
+import json
+import platform
+import random
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tgi_server.launcher.bench import baselines, loadgen, roofline
+from tgi_server.launcher.bench.baselines import Peer, Shape
+from tgi_server.launcher.bench.output import write_outputs
+from tgi_server.launcher.bench.servers import log, tgi_server, tgi_server_flags
+from tgi_server.launcher.bench.stats import (
+    LoadResult,
+    RequestTiming,
+    Stopwatch,
+    summarize,
+    wait_until_quiet,
+)
+from tgi_server.launcher.bench.workloads import Job, PromptSource, Workload
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_CACHE = ROOT / ".cache" / "bench-models"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+SYSTEMS = ("tgi-server", "llama.cpp", "vllm", "transformers")
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: str = "medium"
+    workload: Workload = Workload()
+    levels: tuple[int, ...] = (1, 8, 32)  # concurrency levels
+    num_sequential_requests: int = 3  # requests at concurrency 1
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    threads: int = 2
+    block_size: int = 16
+    shard_batch_sizes: tuple[int, ...] = (1, 8, 32, 64)
+    max_quiet_wait_s: float = 600.0  # before each load, for other processes to go idle
+
+    def num_requests(self, level: int) -> int:
+        return self.num_sequential_requests if level == 1 else level
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.threads, max(self.levels), self.workload.max_prompt_tokens,
+                     self.workload.max_new)
+
+
+QUICK = Settings(size="small", workload=Workload(new_tokens=32), levels=(1, 8),
+                 num_sequential_requests=2, shard_batch_sizes=(1, 8), max_quiet_wait_s=60.0)
+
+
+# ---- one system ----------------------------------------------------------------------------
+
+def _label(level: int) -> str:
+    return "1 stream" if level == 1 else f"{level} concurrent streams"
+
+
+def _result(system: str, dtype: str, level: int, jobs: list[Job], timings: list[RequestTiming],
+            watch: Stopwatch) -> LoadResult:
+    wall, other = watch.stop()
+    if other > 0.05:
+        log(f"  WARNING: other processes used {100 * other:.0f}% of the CPUs meanwhile")
+    r = summarize(system, dtype, f"c={level}", _label(level), timings, wall,
+                  sum(j.max_new_tokens for j in jobs), other, concurrency=level)
+    log(f"  {system} {dtype} c={level}: {r.output_tokens_per_s:.1f} tok/s, "
+        f"ITL p50 {r.itl_ms['p50']:.1f} ms, {r.num_errors} errors {r.first_error or ''}")
+    return r
+
+
+def run_http(system: str, dtype: str, target: loadgen.Target, jobs: dict[int, list[Job]],
+             warm: Job, s: Settings) -> list[LoadResult]:
+    first = asyncio.run(loadgen.warmup(target, replace(warm, max_new_tokens=8)))
+    log(f"warmup request: {first.num_generated_tokens} tokens, error={first.error}")
+    results = []
+    for level, level_jobs in jobs.items():
+        log(f"{system} {dtype} / concurrency {level}: {len(level_jobs)} requests")
+        wait_until_quiet(s.max_quiet_wait_s, log)
+        watch = Stopwatch()
+        timings = asyncio.run(loadgen.run_concurrency(target, level_jobs, level,
+                                                      f"{system} {dtype} c={level}"))
+        results.append(_result(system, dtype, level, level_jobs, timings, watch))
+    return results
+
+
+def run_transformers(model: Path, dtype: str, jobs: dict[int, list[Job]], warm: Job,
+                     s: Settings) -> list[LoadResult]:
+    hf_model, tokenizer = baselines.load_transformers(model, dtype, s.threads)
+    baselines.timed_generate(hf_model, tokenizer, [replace(warm, max_new_tokens=8)])
+    results = []
+    for level, level_jobs in jobs.items():
+        log(f"transformers {dtype} / concurrency {level}: "
+            + ("one at a time" if level == 1 else f"one padded batch of {level}"))
+        wait_until_quiet(s.max_quiet_wait_s, log)
+        watch = Stopwatch()
+        timings = baselines.transformers_run(hf_model, tokenizer, level_jobs, level)
+        r = _result("transformers", dtype, level, level_jobs, timings, watch)
+        results.append(replace(r, label="1 request at a time" if level == 1
+                               else f"batch of {level}, left-padded"))
+    del hf_model
+    gc.collect()
+    return results
+
+
+# ---- environment ----------------------------------------------------------------------------
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return run.stdout.strip() if run.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "tgi-server git": commit + dirty}
+
+
+def cached_model(size: str, seed: int = 0) -> Path:
+    """The llama model of `size` under .cache/bench-models, built once (atomically renamed)."""
+    import os
+    import shutil
+
+    from tgi_server.launcher.make_model import MAKER_VERSION, make_model
+
+    target = MODEL_CACHE / f"llama-{size}-seed{seed}-v{MAKER_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    log(f"building the {size} model into {target} (once)")
+    tmp = MODEL_CACHE / f".{target.name}.{os.getpid()}"
+    try:
+        make_model(tmp, "llama", size, seed=seed, tokenizer_cache_dir=MODEL_CACHE / "tokenizers")
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tgi_server.launcher.bench",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="model directory (default: a cached llama --size)")
+    p.add_argument("--size", choices=["tiny", "small", "medium"], help="default: medium")
+    p.add_argument("--quick", action="store_true", help="smoke run: small model, 32 new tokens, "
+                   "concurrency 1 and 8")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of "
+                   f"{','.join(SYSTEMS)} (peers that are not found are reported and skipped)")
+    p.add_argument("--skip-baseline", action="store_true", help="same as leaving out transformers")
+    p.add_argument("--dtypes", help="comma-separated, default float32,bfloat16")
+    p.add_argument("--concurrency", help="comma-separated concurrency levels, default 1,8,32")
+    p.add_argument("--requests", type=int, help="requests at concurrency 1 (default 3; "
+                   "concurrency c sends c requests at once)")
+    p.add_argument("--prompt-tokens", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--threads", type=int, help="CPU threads of every system (default 2)")
+    p.add_argument("--shard-batch-sizes", help="shard micro-benchmark batch sizes, default "
+                   "1,8,32,64 ('' to skip it)")
+    p.add_argument("--llama-server", help="llama.cpp's llama-server binary (default: on PATH)")
+    p.add_argument("--vllm-python", help="a python that imports vllm (default: this one)")
+    p.add_argument("--max-quiet-wait", type=float, dest="max_quiet_wait_s",
+                   help="seconds to wait before each load for other processes to go idle "
+                        "(default 600; 0: don't wait)")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = QUICK if args.quick else Settings()
+    work = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+    overrides = {
+        "size": args.size, "threads": args.threads, "num_sequential_requests": args.requests,
+        "max_quiet_wait_s": args.max_quiet_wait_s,
+        "levels": _ints(args.concurrency) if args.concurrency else None,
+        "dtypes": tuple(args.dtypes.split(",")) if args.dtypes else None,
+        "shard_batch_sizes": (_ints(args.shard_batch_sizes)
+                              if args.shard_batch_sizes is not None else None),
+        "workload": replace(s.workload, **{k: v for k, v in work.items() if v is not None}),
+    }
+    return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _peers(args: argparse.Namespace, systems: list[str]) -> tuple[list[Peer], list[str]]:
+    peers, notes = [], []
+    for name, find, explicit in (("llama.cpp", baselines.find_llama_cpp, args.llama_server),
+                                 ("vllm", baselines.find_vllm, args.vllm_python)):
+        if name not in systems:
+            notes.append(f"{name}: not measured (left out of --systems)")
+            continue
+        peer, note = find(explicit)
+        notes.append(note)
+        if peer is not None:
+            peers.append(peer)
+    return peers, notes
+
+
+def main(argv: list[str] | None = None) -> None:
+    # SIGTERM unwinds like Ctrl-C, so a running server is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    args = parse_args(argv)
+    s = settings_from(args)
+    systems = [n for n in args.systems.split(",") if n and not (
+        n == "transformers" and args.skip_baseline)]
+    if unknown := set(systems) - set(SYSTEMS):
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    model = args.model or cached_model(s.size)
+    peers, notes = _peers(args, systems)
+    for note in notes:
+        log(note)
+    from transformers import AutoTokenizer
+
+    source = PromptSource(AutoTokenizer.from_pretrained(model), s.block_size)
+    rng = random.Random(0)
+    fresh = lambda: {lv: s.workload.jobs(source, s.num_requests(lv), rng) for lv in s.levels}
+    warm = lambda: s.workload.jobs(source, 1, rng)[0]
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    config = json.loads((model / "config.json").read_text())
+
+    wait_until_quiet(s.max_quiet_wait_s, log)
+    log("measuring the machine's roofs")
+    roof = roofline.measure(config["hidden_size"], config["intermediate_size"], s.threads, s.dtypes)
+    log(roofline.describe(roof))
+    shard_rows = []
+    if s.shard_batch_sizes:
+        from tgi_server.launcher import bench_shard
+
+        log(f"shard micro-benchmark, batch {s.shard_batch_sizes}")
+        shard_rows = bench_shard.measure(model, s.dtypes, s.shard_batch_sizes,
+                                         s.workload.prompt_tokens, steps=10, threads=s.threads)
+
+    results: list[LoadResult] = []
+    flags = {}
+    if "tgi-server" in systems:
+        for dtype in s.dtypes:
+            flags[dtype] = tgi_server_flags(dtype, s.threads, s.workload.max_prompt_tokens,
+                                            s.workload.max_new, max(s.levels), s.block_size)
+            with tgi_server(model, flags[dtype], RESULTS_DIR / f"server-{stamp}-{dtype}.log") as url:
+                results += run_http("tgi-server", dtype, loadgen.Target(url), fresh(), warm(), s)
+    for peer in peers:
+        for dtype in (d for d in s.dtypes if d in peer.dtypes):
+            log_path = RESULTS_DIR / f"{peer.name}-{stamp}-{dtype}.log"
+            try:
+                with peer.start(model, dtype, s.shape, log_path) as target:
+                    results += run_http(peer.name, dtype, target, fresh(), warm(), s)
+            except Exception as e:  # noqa: BLE001 -- a peer failing is reported, not fatal
+                log(f"{peer.name} {dtype} failed: {e}")
+                notes.append(f"{peer.name} {dtype}: failed: {str(e).splitlines()[0]}")
+    if "transformers" in systems:
+        for dtype in s.dtypes:
+            results += run_transformers(model, dtype, fresh(), warm(), s)
+
+    write_outputs(RESULTS_DIR / f"bench-{stamp}", args=argv, settings=s, model=model,
+                  config=config, roof=roof, shard_rows=shard_rows, results=results,
+                  notes=notes, flags=flags, versions=versions(), peers=peers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The report: a markdown table, ratios between systems, shares of the roofs, JSON and a plot.
+
+Upstream: `compare.py` and `cli.py` hand over `LoadResult`s (and, for the side-by-side run,
+the `Roof`, the model's size and the shard micro-benchmark). Pure except `write_plot`, which
+needs matplotlib (the optional `bench` extra) and says so when it is missing.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from tgi_server.launcher.bench.stats import LoadResult
+
+OURS = "tgi-server"
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What one decode step costs at least: every weight read once, 2 FLOPs per weight per token."""
+
+    params_per_token: int  # weights a token multiplies with (all but the embedding table)
+
+    def gflop_per_token(self) -> float:
+        return 2 * self.params_per_token / 1e9
+
+    def gb_per_step(self, dtype: str) -> float:
+        return self.params_per_token * (4 if dtype == "float32" else 2) / 1e9
+
+
+def num(value: float | None, digits: int = 1) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+
+
+def _triple(values: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
+    return " / ".join(num(values.get(p, math.nan) * scale, digits) for p in ("p50", "p90", "p99"))
+
+
+TABLE_HEADER = (
+    "| system | dtype | load | requests (errors) | output tokens (of requested) | output tok/s "
+    "| req/s | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) | e2e p50 / p90 / p99 (s) "
+    "| % of matmul peak | % of bandwidth | other procs' CPU |"
+)
+
+
+def roof_shares(r: LoadResult, cost: ModelCost | None, roof) -> tuple[float, float]:
+    """(share of the dtype's matmul peak, share of the memory bandwidth) that the decode work
+    behind `r`'s tokens would need: a lower bound on the work done (no attention, no prefill)."""
+    if cost is None or roof is None or not r.output_tokens_per_s > 0:
+        return math.nan, math.nan
+    flops = r.output_tokens_per_s * cost.gflop_per_token() / roof.peak_gflops(r.dtype)
+    batch = r.concurrency or 1
+    steps_per_s = r.output_tokens_per_s / batch
+    return flops, steps_per_s * cost.gb_per_step(r.dtype) / roof.bandwidth_gb_s
+
+
+def format_row(r: LoadResult, cost: ModelCost | None = None, roof=None) -> str:
+    flops, bandwidth = roof_shares(r, cost, roof)
+    other = "–" if math.isnan(r.other_cpu_share) else f"{100 * r.other_cpu_share:.0f}%"
+    pct = lambda v: "–" if math.isnan(v) else f"{100 * v:.0f}%"
+    return (f"| {r.system} | {r.dtype} | {r.label} | {r.num_requests} ({r.num_errors}) "
+            f"| {r.num_generated_tokens} ({r.num_requested_tokens}) "
+            f"| {num(r.output_tokens_per_s, 2)} | {num(r.requests_per_s, 2)} "
+            f"| {_triple(r.ttft_ms)} | {_triple(r.itl_ms)} | {_triple(r.e2e_ms, 1e-3, 2)} "
+            f"| {pct(flops)} | {pct(bandwidth)} | {other} |")
+
+
+def format_table(results: list[LoadResult], cost: ModelCost | None = None, roof=None) -> str:
+    separator = "|" + "---|" * (TABLE_HEADER.count(" | ") + 1)
+    return "\n".join([TABLE_HEADER, separator, *(format_row(r, cost, roof) for r in results)])
+
+
+def ratios(results: list[LoadResult]) -> dict[str, dict[str, float]]:
+    """Per `load dtype`: ours / each other system's output tok/s, where both ran."""
+    ours = {(r.load, r.dtype): r for r in results if r.system == OURS}
+    out: dict[str, dict[str, float]] = {}
+    for r in results:
+        mine = ours.get((r.load, r.dtype))
+        if r.system != OURS and mine and r.output_tokens_per_s > 0:
+            key = f"{r.load} {r.dtype}"
+            out.setdefault(key, {})[r.system] = mine.output_tokens_per_s / r.output_tokens_per_s
+    return out
+
+
+def format_ratios(results: list[LoadResult]) -> list[str]:
+    found = ratios(results)
+    if not found:
+        return []
+    lines = [f"{OURS} / other system, output tok/s at the same load and dtype:"]
+    lines += [f"- {key}: " + "; ".join(f"{system} {value:.2f}x" for system, value in per.items())
+              for key, per in found.items()]
+    return lines
+
+
+def format_dtype_ratios(results: list[LoadResult], system: str = OURS) -> list[str]:
+    """bfloat16 / float32 output tok/s of one system at each load."""
+    by = {(r.load, r.dtype): r for r in results if r.system == system}
+    lines = [f"- {load}: {by[(load, 'bfloat16')].output_tokens_per_s / r.output_tokens_per_s:.2f}x"
+             for (load, dtype), r in by.items()
+             if dtype == "float32" and (load, "bfloat16") in by and r.output_tokens_per_s > 0]
+    return [f"{system} bfloat16 / float32, output tok/s:", *lines] if lines else []
+
+
+def format_shard(rows: list[dict]) -> str:
+    header = ("| dtype | batch | forward ms | step ms | shard host ms | tok/s |\n"
+              "|---|---|---|---|---|---|")
+    return "\n".join([header, *(
+        f"| {r['dtype']} | {r['batch']} | {r['forward_ms']:.1f} | {r['step_ms']:.1f} "
+        f"| {r['host_ms']:.2f} | {r['tok_s']:.1f} |" for r in rows)])
+
+
+def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[str]:
+    """ITL p50 of tgi-server at concurrency c minus the shard's own decode step at batch c:
+    the per-token cost of the router, gRPC and HTTP streaming."""
+    steps = {(r["dtype"], r["batch"]): r["step_ms"] for r in shard_rows}
+    lines = []
+    for r in results:
+        step = steps.get((r.dtype, r.concurrency))
+        itl = r.itl_ms.get("p50", math.nan)
+        if r.system == OURS and step is not None and not math.isnan(itl):
+            over = itl - step
+            lines.append(f"- {r.dtype} c={r.concurrency}: ITL p50 {itl:.1f} ms - shard step "
+                         f"{step:.1f} ms = {over:.1f} ms ({100 * over / itl:.1f}% of the ITL)")
+    return ["router + gRPC + HTTP per decode step (end-to-end ITL p50 - shard step):", *lines] \
+        if lines else []
+
+
+def write_plot(results: list[LoadResult], path: Path, title: str) -> str:
+    """Output tok/s against ITL p50, one line per (system, dtype), one point per load."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install 'tgi-server[bench]')"
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    lines: dict[tuple[str, str], list[LoadResult]] = {}
+    for r in results:
+        if r.output_tokens_per_s > 0 and not math.isnan(r.itl_ms.get("p50", math.nan)):
+            lines.setdefault((r.system, r.dtype), []).append(r)
+    for (system, dtype), points in lines.items():
+        points.sort(key=lambda r: (r.concurrency or 0, r.request_rate or 0))
+        x = [p.itl_ms["p50"] for p in points]
+        y = [p.output_tokens_per_s for p in points]
+        style = "-" if system == OURS else "--"
+        ax.plot(x, y, style, marker="o", label=f"{system} {dtype}")
+        for p, xi, yi in zip(points, x, y):
+            ax.annotate(p.load, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("inter-token latency p50 (ms), lower is better")
+    ax.set_ylabel("output tokens/s, higher is better")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot: {path}"
