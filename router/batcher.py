@@ -54,6 +54,7 @@ class Batcher:
         self.running: dict[int, Entry] = {}
         self.healthy = True
         self.num_prefilled_requests = 0
+        self._queue_drops_counted = 0
         self._wakeup = asyncio.Event()
         self._batch_ids = iter(range(1, 2**63))
 
@@ -66,6 +67,7 @@ class Batcher:
         idle = True
         while True:
             self.queue.remove_cancelled()
+            self._count_queue_drops()
             if idle or not len(self.queue):
                 await self._wakeup.wait()
             self._wakeup.clear()
@@ -101,6 +103,7 @@ class Batcher:
     async def _join_waiting(self, cached: CachedBatch, waiting_steps: int) -> CachedBatch | None:
         """Prefill waiting requests to join the running batch, if the budgets allow."""
         self.queue.remove_cancelled()
+        self._count_queue_drops()
         if not len(self.queue):
             return None
         cfg = self.config
@@ -119,6 +122,7 @@ class Batcher:
         entries = self.queue.next_batch(min_size, max_size, self.config.max_batch_prefill_tokens,
                                         token_budget)
         self.metrics.queue_size.set(len(self.queue))
+        self._count_queue_drops()
         if not entries:
             return None
         self.num_prefilled_requests += len(entries)
@@ -171,7 +175,7 @@ class Batcher:
         for rid in cached.request_ids:
             entry = self.running.get(rid)
             if entry is not None and entry.cancelled:
-                self._release(entry)
+                self._drop(entry)
         keep = [rid for rid in cached.request_ids if rid in self.running]
         if len(keep) < cached.size:
             start = time.monotonic()
@@ -207,7 +211,7 @@ class Batcher:
         if entry.cancelled:
             # NOTE: finished on the shard, it is in no batch left to filter: release it now.
             if g.finish_reason is not None:
-                self._release(entry)
+                self._drop(entry)
             return
         state: RequestState = entry.sink
         text: TextState = state.text
@@ -233,6 +237,18 @@ class Batcher:
             event.queued_at, event.started_at = entry.queued_at, state.started_at
             self._release(entry)
         state.events.put_nowait(event)
+
+    def _drop(self, entry: Entry) -> None:
+        """A running request whose client went away (TGI's `tgi_request_failure{err="dropped"}`)."""
+        self._release(entry)
+        self.metrics.request_failure.inc(err="dropped")
+
+    def _count_queue_drops(self) -> None:
+        """Queued requests whose client went away, dropped by the queue since the last count."""
+        new = self.queue.num_dropped - self._queue_drops_counted
+        if new:
+            self.metrics.request_failure.inc(new, err="dropped")
+            self._queue_drops_counted = self.queue.num_dropped
 
     def _release(self, entry: Entry) -> None:
         """The request left the batch: its blocks go back to the allocator now."""

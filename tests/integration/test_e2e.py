@@ -3,6 +3,7 @@ non-streaming, bad parameters get 422 while the server keeps serving."""
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -186,3 +187,31 @@ def test_sampling_with_seed_reproduces(served):
     b = httpx.post(f"{url}/generate", json=body, timeout=30).json()
     assert a["generated_text"] == b["generated_text"]
     assert a["details"]["seed"] == 42
+
+
+def test_client_disconnect_cancels_and_frees_blocks(served):
+    _, url = served
+
+    def gauge(name: str) -> float:
+        lines = httpx.get(f"{url}/metrics").text.splitlines()
+        return next((float(line.split()[-1]) for line in lines if line.startswith(name + " ")), 0.0)
+
+    total_blocks = 2048 // 16
+    successes = gauge("tgi_request_success")
+    dropped = gauge('tgi_request_failure{err="dropped"}')
+    body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 400}}
+    with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=30) as r:
+        received = 0
+        for line in r.iter_lines():
+            received += line.startswith("data:")
+            if received == 3:
+                break  # leave mid-stream: the connection closes with the context
+    for _ in range(100):
+        if gauge("tgi_batch_current_size") == 0 and gauge("tgi_kv_blocks_free") == total_blocks:
+            break
+        time.sleep(0.1)
+    assert gauge("tgi_batch_current_size") == 0
+    assert gauge("tgi_kv_blocks_free") == total_blocks
+    # Cancelled, not run to the end.
+    assert gauge('tgi_request_failure{err="dropped"}') == dropped + 1
+    assert gauge("tgi_request_success") == successes
