@@ -18,6 +18,7 @@ from tgi_server.shard.attention import forward_context
 from tgi_server.shard.batch import Batch
 from tgi_server.shard.distributed import ParallelState
 from tgi_server.shard.kv_cache import allocate_kv_cache
+from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.model_runner import ModelRunner
 from tgi_server.shard.models import load_model
 from tgi_server.shard.sampling import Sampler, SamplingParams
@@ -74,6 +75,7 @@ def measure(model_dir: Path, dtypes: tuple[str, ...], sizes: tuple[int, ...], pr
         for name in dtypes:
             dtype = DTYPES[name]
             model = load_model(Path(model_dir), dtype, torch.device("cpu"), ParallelState())
+            pack_linear_weights(model)
             runner = ModelRunner(model, torch.device("cpu"), dtype, 16)
             need = max(sizes) * (-(-(prompt_len + steps * 2 + 4) // 16))
             runner.kv_cache = allocate_kv_cache(model, need, 16, dtype, torch.device("cpu"))

@@ -18,6 +18,7 @@ from tgi_server.launcher.argv import from_argv
 from tgi_server.proto import generate_pb2 as pb
 from tgi_server.shard.config import ShardConfig, host_port
 from tgi_server.shard.distributed import all_gather_object, init_distributed
+from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.model_runner import ModelRunner
 from tgi_server.shard.models import load_model
 from tgi_server.shard.server import TextGenerationService, serve
@@ -75,6 +76,8 @@ def build_service(config: ShardConfig) -> TextGenerationService:
     logger.info("loading %s (%s, %s, rank %d/%d, %d threads)", model_dir, dtype, device,
                 config.rank, config.world_size, threads)
     model = load_model(model_dir, dtype, device, tp)
+    if device.type == "cpu":
+        pack_linear_weights(model)
     runner = ModelRunner(model, device, dtype, config.block_size)
     hf = model.config
     info = pb.InfoResponse(

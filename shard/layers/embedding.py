@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import ParallelState, all_gather, all_reduce
-from .linear import copy_checked, load_narrow, loaded_shape
+from .linear import copy_checked, linear, load_narrow, loaded_shape, onednn_pack, onednn_packable
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -53,7 +53,19 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden @ weight.T, gathered over ranks; may share its weight with the embedding."""
 
+    packed_weight: torch.Tensor | None = None
+    shares_embedding: bool = False  # set by a model with tied embeddings
+
+    def pack_weight(self) -> bool:
+        """oneDNN-packs the head; the dense weight stays only if the embedding reads it."""
+        if self.packed_weight is not None or not onednn_packable(self.weight):
+            return False
+        self.packed_weight = onednn_pack(self.weight)
+        if not self.shares_embedding:
+            self.weight.data = self.weight.data.new_empty(0)
+        return True
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [num_tokens, vocab_per_rank]
+        logits = linear(hidden, self.weight, self.packed_weight, None)  # [num_tokens, vocab_per_rank]
         logits = all_gather(logits, self.tp, dim=-1)[:, : self.num_embeddings]
         return logits.float()  # [num_tokens, vocab]

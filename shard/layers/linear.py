@@ -7,13 +7,20 @@ below read only the rows/columns this rank owns, so no rank ever materializes a 
 
 Column-parallel layers split the output features (no communication); row-parallel layers
 split the input features and all-reduce their partial sums.
+
+On CPU, `pack_linear_weights(model)` (called by the shard once the weights are loaded) reorders
+every weight once into oneDNN's blocked layout; `F.linear` would repack it on every call.
 """
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import ParallelState, all_reduce
+
+logger = logging.getLogger(__name__)
 
 
 def loaded_shape(loaded) -> list[int]:
@@ -49,8 +56,43 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def onednn_packable(weight: torch.Tensor) -> bool:
+    """Whether this torch build can reorder and multiply `weight` with oneDNN on this CPU."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [out, in] reordered once into oneDNN's blocked layout (an opaque mkldnn tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] -> [..., out], through the packed weight when there is one."""
+    if packed is None:
+        return F.linear(x, weight, bias)
+    # NOTE: the op torch.compile's CPU freezing emits; measured 1.2-3x F.linear's speed at
+    # batch 1-64 on AVX-512 (benchmarks/NOTES.md), whose kernels repack the weight every call.
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Packs the weight of every layer that has a `pack_weight()` (linear layers, LM head);
+    returns how many were packed (0 where oneDNN cannot: other devices, dtypes or builds)."""
+    packed = sum(m.pack_weight() for m in model.modules() if hasattr(m, "pack_weight"))
+    logger.info("oneDNN-packed %d weight matrices", packed)
+    return packed
+
+
 class LinearBase(nn.Module):
-    """y = x @ weight.T + bias with `weight` [output_size_per_rank, input_size_per_rank]."""
+    """y = x @ weight.T + bias with `weight` [output_size_per_rank, input_size_per_rank].
+
+    After `pack_weight()` the weight lives only in `packed_weight` (`weight` becomes empty).
+    """
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp: ParallelState) -> None:
         super().__init__()
@@ -62,12 +104,20 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: torch.Tensor | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         raise NotImplementedError
 
+    def pack_weight(self) -> bool:
+        if self.packed_weight is not None or not onednn_packable(self.weight):
+            return False
+        self.packed_weight = onednn_pack(self.weight)
+        self.weight.data = self.weight.data.new_empty(0)  # the dense copy is no longer read
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.packed_weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -154,4 +204,4 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NOTE: only rank 0 adds the bias, so the all-reduce counts it once.
         bias = self.bias if self.tp.rank == 0 else None
-        return all_reduce(F.linear(x, self.weight, bias), self.tp)
+        return all_reduce(linear(x, self.weight, self.packed_weight, bias), self.tp)

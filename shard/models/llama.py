@@ -145,6 +145,7 @@ class LlamaForCausalLM(nn.Module):
         self.ignored_weight_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.shares_embedding = True
             self.ignored_weight_suffixes += ("lm_head.weight",)
         # Filled by load_model from generation_config.json; the config's own eos by default.
         eos = config.eos_token_id

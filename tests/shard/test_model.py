@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tgi_server.shard.attention import AttentionMetadata, forward_context, get_forward_context
 from tgi_server.shard.distributed import ParallelState
 from tgi_server.shard.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.layers.rotary import get_rope
 from tgi_server.shard.models import load_model
 
@@ -52,11 +53,15 @@ class Paged:
         return list(logits.split(query_lens))
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+@pytest.fixture(scope="module", params=[*VARIANTS, *(f"{v}-onednn" for v in VARIANTS)])
 def models(request, model_dir):
-    arch, kw = VARIANTS[request.param]
+    """(ours, transformers'); `-onednn`: ours with the linear weights packed as the shard does."""
+    name = request.param.removesuffix("-onednn")
+    arch, kw = VARIANTS[name]
     path = model_dir(arch, **kw)
     ours = load_model(path, torch.float32, torch.device("cpu"), ParallelState())
+    if request.param != name and pack_linear_weights(ours) == 0:
+        pytest.skip("oneDNN cannot pack float32 weights in this torch build")
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return ours, ref
 
@@ -198,3 +203,21 @@ def test_kv_cache_layout(model_dir):
     assert attn.k_cache.data_ptr() == cache[0, 1].data_ptr()
     assert attn.v_cache.data_ptr() == cache[1, 1].data_ptr()
     assert model.eos_token_ids == [2, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_drops_dense_weights_except_a_tied_embedding(model_dir, dtype):
+    for arch, tied in (("llama", False), ("qwen2", True)):
+        model = load_model(model_dir(arch), dtype, torch.device("cpu"), ParallelState())
+        tokens = torch.tensor([5, 6, 7])
+        meta = AttentionMetadata.from_lists([3], [3], [[0]], BLOCK_SIZE)
+        with torch.inference_mode(), forward_context(meta):
+            want = model.compute_logits(model(tokens, torch.arange(3)))
+        if pack_linear_weights(model) == 0:
+            pytest.skip(f"oneDNN cannot pack {dtype} weights here")
+        assert model.model.layers[0].mlp.gate_up_proj.weight.numel() == 0
+        assert (model.lm_head.weight.numel() > 0) == tied
+        with torch.inference_mode(), forward_context(meta):
+            got = model.compute_logits(model(tokens, torch.arange(3)))
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
