@@ -39,7 +39,8 @@ def tgi_launch(
     )] = 1,
     dtype: Annotated[str, _opt(
         "--dtype", env="DTYPE",
-        help="auto, float32, bfloat16 or float16 (auto: bfloat16 on CUDA, float32 on CPU).",
+        help="auto, float32, bfloat16 or float16 (auto: bfloat16 on CUDA and on CPUs with "
+        "AVX512-BF16 or AMX, else float32).",
     )] = "auto",
     device: Annotated[str, _opt("--device", env="DEVICE", help="auto, cpu or cuda.")] = "auto",
     trust_remote_code: Annotated[bool, _opt(

@@ -10,7 +10,8 @@ class ShardConfig:
 
     model_id: str
     revision: str | None = None
-    # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)
+    # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and on CPUs with AVX512-BF16 or
+    # AMX, else float32)
     dtype: str = "auto"
     # cpu | cuda | auto
     device: str = "auto"

@@ -28,7 +28,12 @@ def launch():
 
 @contextmanager
 def launch_server(model: Path, *flags: str, timeout: float = 180.0) -> Iterator[str]:
-    """Run `tgi-launch` on `model`; yields its base URL once /health answers 200."""
+    """Run `tgi-launch` on `model`; yields its base URL once /health answers 200.
+
+    float32 unless `flags` pick a dtype: the tests compare with transformers in float32.
+    """
+    if "--dtype" not in flags:
+        flags = ("--dtype", "float32", *flags)
     port = free_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tgi-launch-{port}.log", "w+")
     cmd = [sys.executable, "-m", "tgi_server.launcher.cli", "--model-id", str(model),

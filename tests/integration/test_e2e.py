@@ -21,8 +21,10 @@ PROMPTS = [
     "Ünïcödé → 文字 🙂 and more text after it, to make this prompt the longest one of all of them",
 ]
 MAX_NEW_TOKENS = 32
-LAUNCH_FLAGS = ("--max-batch-total-tokens", "2048", "--max-total-tokens", "512",
-                "--max-input-tokens", "256", "--max-batch-prefill-tokens", "512")
+# NOTE: float32, as transformers' reference (--dtype auto is bfloat16 on CPUs with BF16 units).
+LAUNCH_FLAGS = ("--dtype", "float32", "--max-batch-total-tokens", "2048",
+                "--max-total-tokens", "512", "--max-input-tokens", "256",
+                "--max-batch-prefill-tokens", "512")
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

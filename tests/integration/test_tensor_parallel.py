@@ -287,7 +287,8 @@ def test_restarted_router_reuses_the_shards_over_unix_and_tcp(model_dir, referen
     master_port, tcp_port = free_port(), free_port()
     shard_cmd = [sys.executable, "-m", "tgi_server.shard.cli", "--model-id", str(model),
                  "--world-size", "2", "--uds-path", str(tmp / "s"), "--master-addr",
-                 "127.0.0.1", "--master-port", str(master_port), "--num-threads", "1"]
+                 "127.0.0.1", "--master-port", str(master_port), "--num-threads", "1",
+                 "--dtype", "float32"]
     sockets = [str(tmp / "s-0"), str(tmp / "s-1")]
     logs = [tmp / "shard-0.log", tmp / "shard-1.log"]
     with running([*shard_cmd, "--rank", "0"], logs[0]) as rank0, \
