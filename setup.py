@@ -67,6 +67,6 @@ names, dirs = packages()
 setup(
     packages=names,
     package_dir=dirs,
-    package_data={"tgi_server.proto": ["*.proto", "*.pyi"]},
+    package_data={"tgi_server.proto": ["*.proto", "*.pyi"], "tgi_server.shard.layers": ["*.cpp"]},
     cmdclass={"build_py": BuildPy, "proto": GenerateProto},
 )

@@ -16,6 +16,7 @@ import torch
 
 from tgi_server.shard.attention import forward_context
 from tgi_server.shard.batch import Batch
+from tgi_server.shard.cli import keep_freed_memory
 from tgi_server.shard.distributed import ParallelState
 from tgi_server.shard.kv_cache import allocate_kv_cache
 from tgi_server.shard.layers.linear import pack_linear_weights
@@ -70,6 +71,7 @@ def measure(model_dir: Path, dtypes: tuple[str, ...], sizes: tuple[int, ...], pr
     """One row per dtype and batch size (`report` gets each as a table line)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as the shard does
     rows = []
     try:
         for name in dtypes:

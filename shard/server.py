@@ -38,13 +38,15 @@ def generation_to_pb(out: StepOutput) -> pb.Generation:
 
 
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, config: ShardConfig, runner: ModelRunner, urls: list[str], info: pb.InfoResponse):
+    def __init__(self, config: ShardConfig, runner: ModelRunner, urls: list[str],
+                 info: pb.InfoResponse, executor: ThreadPoolExecutor | None = None):
         self.config = config
         self.runner = runner
         self.urls = urls
         self.info = info
         self.cache: dict[int, Batch] = {}
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # The one thread that runs the model (cli.py loads the model on it too).
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     async def _run(self, fn, *args):
         try:

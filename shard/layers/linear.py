@@ -9,7 +9,9 @@ Column-parallel layers split the output features (no communication); row-paralle
 split the input features and all-reduce their partial sums.
 
 On CPU, `pack_linear_weights(model)` (called by the shard once the weights are loaded) reorders
-every weight once into oneDNN's blocked layout; `F.linear` would repack it on every call.
+every weight once into oneDNN's blocked layout; `F.linear` would repack it on every call. Where
+the small-batch kernel (`small_batch_linear.py`) builds, the dense weight stays too and serves
+steps of at most `MAX_ROWS` tokens (decode at low concurrency), oneDNN the larger ones.
 """
 
 import logging
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import ParallelState, all_reduce
+from . import small_batch_linear
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
     """x [..., in] -> [..., out], through the packed weight when there is one."""
     if packed is None:
         return F.linear(x, weight, bias)
+    if x.shape[0] <= small_batch_linear.MAX_ROWS and weight.numel():  # dense kept: kernel built
+        return small_batch_linear.small_batch_linear(x, weight, bias)
     # NOTE: the op torch.compile's CPU freezing emits; measured 1.2-3x F.linear's speed at
     # batch 1-64 on AVX-512 (benchmarks/NOTES.md), whose kernels repack the weight every call.
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -91,7 +96,8 @@ def pack_linear_weights(model: nn.Module) -> int:
 class LinearBase(nn.Module):
     """y = x @ weight.T + bias with `weight` [output_size_per_rank, input_size_per_rank].
 
-    After `pack_weight()` the weight lives only in `packed_weight` (`weight` becomes empty).
+    After `pack_weight()` the weight is also in `packed_weight`; `weight` becomes empty unless
+    the small-batch kernel reads it.
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp: ParallelState) -> None:
@@ -113,7 +119,8 @@ class LinearBase(nn.Module):
         if self.packed_weight is not None or not onednn_packable(self.weight):
             return False
         self.packed_weight = onednn_pack(self.weight)
-        self.weight.data = self.weight.data.new_empty(0)  # the dense copy is no longer read
+        if not small_batch_linear.available(self.weight.dtype):
+            self.weight.data = self.weight.data.new_empty(0)  # the dense copy is no longer read
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
