@@ -95,10 +95,11 @@ def run(args: argparse.Namespace) -> list[LoadResult]:
             timings = asyncio.run(loadgen.run_concurrency(target, jobs, int(value), key))
         else:
             timings = asyncio.run(loadgen.run_rate(target, jobs, value, key, args.seed))
-        wall, other = watch.stop()
+        wall, _ = watch.stop()
+        # NOTE: the server is not this process's child, so "other processes" would include it.
         results.append(summarize(
             args.name, args.dtype or "-", key, key, timings, wall,
-            sum(j.max_new_tokens for j in jobs), other,
+            sum(j.max_new_tokens for j in jobs),
             concurrency=int(value) if kind == "concurrency" else None,
             request_rate=value if kind == "rate" else None))
         log(report.format_row(results[-1]))

@@ -79,7 +79,7 @@ def write_outputs(prefix: Path, *, args, settings, model: Path, config: dict, ro
     lines += ["", report.format_table(results, cost, roof), ""]
     lines += ["% of matmul peak: output tok/s x 2 x non-embedding params over the dtype's best "
               "measured matmul GFLOP/s; % of bandwidth: decode steps/s (tok/s / c) x weight "
-              "bytes over the copy bandwidth. Both leave out attention and prefill.", ""]
+              "bytes over the read bandwidth. Both leave out attention and prefill.", ""]
     for block in (report.format_ratios(results), report.format_dtype_ratios(results)):
         lines += [*block, ""] if block else []
     if shard_rows:

@@ -16,7 +16,8 @@ class Roof:
     threads: int
     # (dtype, m) -> GFLOP/s of [m, k] @ [k, n] with the model's k and n
     matmul_gflops: dict[str, float]
-    bandwidth_gb_s: float  # a large tensor copy: bytes read + bytes written per second
+    bandwidth_gb_s: float  # reading a 1 GiB tensor
+    copy_gb_s: float = float("nan")  # copying it: bytes read + bytes written per second
 
     def peak_gflops(self, dtype: str) -> float:
         return max((v for k, v in self.matmul_gflops.items() if k.startswith(dtype + " ")),
@@ -35,18 +36,28 @@ def _best_time(fn, repeats: int, min_time_s: float = 0.3) -> float:
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype) -> float:
-    """x [m, k] @ w.T with w [n, k], as nn.Linear does."""
+    """x [m, k] @ w.T with w [n, k]: the faster of nn.Linear's kernel and oneDNN on a weight
+    packed once (what the shard runs), so the roof is the best this torch build reaches."""
     x = torch.randn(m, k, dtype=dtype)
     w = torch.randn(n, k, dtype=dtype)
     seconds = _best_time(lambda: torch.nn.functional.linear(x, w), repeats=5)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        onednn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        seconds = min(seconds, _best_time(onednn, repeats=5))
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        pass
     return 2 * m * k * n / seconds / 1e9
 
 
-def bandwidth_gb_s(num_bytes: int = 1 << 30) -> float:
+def bandwidth_gb_s(num_bytes: int = 1 << 30) -> tuple[float, float]:
+    """(read, copy) GB/s over `num_bytes`: a sum reads them (a decode step mostly reads
+    weights); a copy reads and writes them (counted twice)."""
     src = torch.ones(num_bytes // 4, dtype=torch.float32)
+    read = _best_time(lambda: src.sum(), repeats=3)
     dst = torch.empty_like(src)
-    seconds = _best_time(lambda: dst.copy_(src), repeats=3)
-    return 2 * num_bytes / seconds / 1e9
+    copy = _best_time(lambda: dst.copy_(src), repeats=3)
+    return num_bytes / read / 1e9, 2 * num_bytes / copy / 1e9
 
 
 def measure(hidden: int, intermediate: int, threads: int,
@@ -58,7 +69,7 @@ def measure(hidden: int, intermediate: int, threads: int,
     try:
         gflops = {f"{name} m={m}": matmul_gflops(m, hidden, 2 * intermediate, getattr(torch, name))
                   for name in dtypes for m in batch_sizes}
-        return Roof(threads, gflops, bandwidth_gb_s())
+        return Roof(threads, gflops, *bandwidth_gb_s())
     finally:
         torch.set_num_threads(previous)
 
@@ -66,4 +77,5 @@ def measure(hidden: int, intermediate: int, threads: int,
 def describe(roof: Roof) -> str:
     mm = ", ".join(f"{k}: {v:.0f}" for k, v in roof.matmul_gflops.items())
     return (f"- roofs ({roof.threads} threads): matmul GFLOP/s {mm}; "
-            f"memory bandwidth {roof.bandwidth_gb_s:.1f} GB/s (1 GiB copy, read + write)")
+            f"memory bandwidth {roof.bandwidth_gb_s:.1f} GB/s read, {roof.copy_gb_s:.1f} GB/s "
+            "copied (read + write), over 1 GiB")
