@@ -4,7 +4,7 @@ Upstream: `model_runner.py` builds an `AttentionMetadata` for each prefill/decod
 runs the model inside `forward_context(meta)`; `kv_cache.py` binds each `Attention` module's
 `k_cache`/`v_cache` views. Downstream: the attention kernels. This is the only module that
 chooses a kernel backend: torch SDPA everywhere, flash-attn on CUDA when it is installed and
-the block size allows it.
+the block size allows it, and on CPU the decode kernel of `layers/cpu_kernels.py` when built.
 
 Layout: the tokens of all sequences are packed along one dimension; the new tokens of sequence
 i are rows `cu_seqlens_q[i]:cu_seqlens_q[i + 1]` and sit at the END of its context (positions
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tgi_server.shard.layers import cpu_kernels
 
 
 @dataclass(slots=True)
@@ -192,6 +194,13 @@ def _use_flash(k_cache: Tensor) -> bool:
     return k_cache.is_cuda and k_cache.shape[1] % 256 == 0 and _flash_attn_installed()
 
 
+def _use_cpu_decode_kernel(q: Tensor, meta: AttentionMetadata, head_dim: int) -> bool:
+    # NOTE: decode only (one token per sequence, the last of its context); it reads each
+    # sequence's blocks in place instead of gathering them per layer (benchmarks/NOTES.md).
+    return (meta.max_query_len == 1 and q.device.type == "cpu" and head_dim % 16 == 0
+            and cpu_kernels.available(q.dtype))
+
+
 def _flash_paged_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,
     sliding_window: int | None,
@@ -232,9 +241,18 @@ class Attention(nn.Module):
             out = _torch_fresh_attention(q, k, v, *args)
         else:
             self._store(k, v, meta.slot_mapping)
-            attend = _flash_paged_attention if _use_flash(self.k_cache) else _torch_paged_attention
-            out = attend(q, self.k_cache, self.v_cache, *args)
+            out = self._attend_paged(q, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _attend_paged(self, q: Tensor, meta: AttentionMetadata) -> Tensor:
+        if _use_flash(self.k_cache):
+            return _flash_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
+                                          self.sliding_window)
+        if _use_cpu_decode_kernel(q, meta, self.head_dim):
+            return cpu_kernels.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
+                                                meta.context_lens, self.scale, self.sliding_window)
+        return _torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
+                                      self.sliding_window)
 
     def _store(self, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
         # [num_blocks * block_size, kv_heads, D]: slot-addressed views of the layer's cache

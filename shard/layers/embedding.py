@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import ParallelState, all_gather, all_reduce
-from . import small_batch_linear
+from . import cpu_kernels
 from .linear import copy_checked, linear, load_narrow, loaded_shape, onednn_pack, onednn_packable
 
 
@@ -62,7 +62,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.packed_weight is not None or not onednn_packable(self.weight):
             return False
         self.packed_weight = onednn_pack(self.weight)
-        if not (self.shares_embedding or small_batch_linear.available(self.weight.dtype)):
+        if not (self.shares_embedding or cpu_kernels.available(self.weight.dtype)):
             self.weight.data = self.weight.data.new_empty(0)
         return True
 

@@ -10,7 +10,7 @@ split the input features and all-reduce their partial sums.
 
 On CPU, `pack_linear_weights(model)` (called by the shard once the weights are loaded) reorders
 every weight once into oneDNN's blocked layout; `F.linear` would repack it on every call. Where
-the small-batch kernel (`small_batch_linear.py`) builds, the dense weight stays too and serves
+the small-batch kernel (`cpu_kernels.py`) builds, the dense weight stays too and serves
 steps of at most `MAX_ROWS` tokens (decode at low concurrency), oneDNN the larger ones.
 """
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import ParallelState, all_reduce
-from . import small_batch_linear
+from . import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
     """x [..., in] -> [..., out], through the packed weight when there is one."""
     if packed is None:
         return F.linear(x, weight, bias)
-    if x.shape[0] <= small_batch_linear.MAX_ROWS and weight.numel():  # dense kept: kernel built
-        return small_batch_linear.small_batch_linear(x, weight, bias)
+    if x.shape[0] <= cpu_kernels.MAX_ROWS and weight.numel():  # dense kept: kernel built
+        return cpu_kernels.small_batch_linear(x, weight, bias)
     # NOTE: the op torch.compile's CPU freezing emits; measured 1.2-3x F.linear's speed at
     # batch 1-64 on AVX-512 (benchmarks/NOTES.md), whose kernels repack the weight every call.
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -119,7 +119,7 @@ class LinearBase(nn.Module):
         if self.packed_weight is not None or not onednn_packable(self.weight):
             return False
         self.packed_weight = onednn_pack(self.weight)
-        if not small_batch_linear.available(self.weight.dtype):
+        if not cpu_kernels.available(self.weight.dtype):
             self.weight.data = self.weight.data.new_empty(0)  # the dense copy is no longer read
         return True
 

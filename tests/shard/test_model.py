@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tgi_server.shard.attention import AttentionMetadata, forward_context, get_forward_context
 from tgi_server.shard.distributed import ParallelState
 from tgi_server.shard.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
-from tgi_server.shard.layers import small_batch_linear
+from tgi_server.shard.layers import cpu_kernels
 from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.layers.rotary import get_rope
 from tgi_server.shard.models import load_model
@@ -217,7 +217,7 @@ def test_packing_keeps_dense_weights_only_where_they_are_read(model_dir, dtype):
         if pack_linear_weights(model) == 0:
             pytest.skip(f"oneDNN cannot pack {dtype} weights here")
         # the dense weight stays only for the small-batch kernel or a tied embedding
-        dense = small_batch_linear.available(dtype)
+        dense = cpu_kernels.available(dtype)
         assert (model.model.layers[0].mlp.gate_up_proj.weight.numel() > 0) == dense
         assert (model.lm_head.weight.numel() > 0) == (tied or dense)
         with torch.inference_mode(), forward_context(meta):
@@ -229,16 +229,36 @@ def test_packing_keeps_dense_weights_only_where_they_are_read(model_dir, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
 def test_small_batch_kernel_matches_f_linear(dtype, rows):
-    if not small_batch_linear.available(dtype):
+    if not cpu_kernels.available(dtype):
         pytest.skip(f"the small-batch kernel does not run {dtype} here")
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 200, generator=generator).to(dtype)  # 200: a tail past 32 lanes
     weight = torch.randn(70, 200, generator=generator).to(dtype)
     bias = torch.randn(70, generator=generator).to(dtype)
     want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
-    got = small_batch_linear.small_batch_linear(x, weight, bias)
+    got = cpu_kernels.small_batch_linear(x, weight, bias)
     assert got.dtype == dtype and got.shape == (rows, 70)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: one rounding of the output
     torch.testing.assert_close(got.float(), want, atol=tol * 10, rtol=tol)
-    no_bias = small_batch_linear.small_batch_linear(x, weight, None).float()
+    no_bias = cpu_kernels.small_batch_linear(x, weight, None).float()
     torch.testing.assert_close(no_bias, want - bias.float(), atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_kernel_matches_the_torch_path(dtype, window):
+    from tgi_server.shard.attention import _torch_paged_attention
+
+    if not cpu_kernels.available(dtype):
+        pytest.skip(f"the CPU kernels do not run {dtype} here")
+    generator = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(40, BLOCK_SIZE, 2, 32, generator=generator).to(dtype)
+    v_cache = torch.randn(40, BLOCK_SIZE, 2, 32, generator=generator).to(dtype)
+    q = torch.randn(3, 6, 32, generator=generator).to(dtype)  # 3 heads per kv head
+    tables = torch.randperm(40, generator=generator)[:24].view(3, 8).tolist()
+    meta = AttentionMetadata.from_lists([1, 1, 1], [1, 13, 30], tables, BLOCK_SIZE)
+    want = _torch_paged_attention(q, k_cache, v_cache, meta, 0.125, window)
+    got = cpu_kernels.decode_attention(q, k_cache, v_cache, meta.block_tables,
+                                       meta.context_lens, 0.125, window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

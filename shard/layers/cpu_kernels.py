@@ -1,0 +1,62 @@
+"""The shard's CPU kernels (small_batch_linear.cpp, decode_attention.cpp): built once per
+machine, then loaded.
+
+Upstream: `linear.py` routes a linear layer with at most `MAX_ROWS` token rows to
+`small_batch_linear` when `available(dtype)` (larger batches go to oneDNN); `attention.py`
+runs decode steps through `decode_attention`. The first shard on a machine compiles them with
+torch.utils.cpp_extension (gcc and ninja, ~15 s on 2 cores; later starts load the cached
+build). Without a compiler or AVX-512 the shard logs one warning and uses the torch paths.
+"""
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name(f) for f in ("small_batch_linear.cpp", "decode_attention.cpp")]
+# NOTE: measured crossover with oneDNN's packed kernels (benchmarks/NOTES.md).
+MAX_ROWS = 2
+
+
+@functools.cache
+def _load() -> bool:
+    if not torch.cpu._is_avx512_supported():
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        # NOTE: -march=native: built on the machine it runs on. -fopenmp makes at::parallel_for
+        # use the libgomp.so.1 torch has already loaded (same soname), so one thread pool.
+        load(name="tgi_cpu_kernels", sources=[str(p) for p in SOURCES],
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 -- any build failure falls back to oneDNN
+        logger.warning("CPU kernels not built (%s); oneDNN and SDPA serve every batch",
+                       str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+    return True
+
+
+def available(dtype: torch.dtype) -> bool:
+    """Whether the kernels run `dtype` natively on this CPU (building them on first use)."""
+    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+        return False
+    return dtype in (torch.float32, torch.bfloat16) and _load()
+
+
+def small_batch_linear(x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """x [m <= 8, k] @ weight [n, k].T (+ bias) -> [m, n], in x's dtype."""
+    return torch.ops.tgi_cpu.small_batch_linear(x, weight, bias)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     sliding_window: int | None) -> torch.Tensor:
+    """q [batch, heads, D] (one token per sequence, the last of its context) over the paged
+    cache [num_blocks, block_size, kv_heads, D] -> [batch, heads, D]."""
+    return torch.ops.tgi_cpu.decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                              scale, sliding_window or 0)
