@@ -96,11 +96,19 @@ async def send(client: httpx.AsyncClient, target: Target, job: Job,
                stamps: list[float]) -> RequestTiming:
     """One streamed request; `stamps` gets the arrival time of every token event."""
     request = _tgi_request if target.api == "tgi" else _openai_request
-    start = time.perf_counter()
-    try:
-        generated, error = await request(client, target, job, stamps)
-    except (httpx.HTTPError, json.JSONDecodeError) as err:
-        generated, error = None, repr(err)
+    for attempt in range(2):
+        start = time.perf_counter()
+        try:
+            generated, error = await request(client, target, job, stamps)
+        except httpx.RemoteProtocolError as err:
+            # NOTE: a server may close a kept-alive connection as we reuse it (llama.cpp's
+            # did, once in ~50 requests); nothing was answered yet, so the request is resent.
+            generated, error = None, repr(err)
+            if not stamps and attempt == 0:
+                continue
+        except (httpx.HTTPError, json.JSONDecodeError) as err:
+            generated, error = None, repr(err)
+        break
     itl = [b - a for a, b in zip(stamps, stamps[1:])]
     ttft = stamps[0] - start if stamps else None
     return RequestTiming(ttft, itl, time.perf_counter() - start,
