@@ -78,7 +78,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
     """x [..., in] -> [..., out], through the packed weight when there is one."""
     if packed is None:
         return F.linear(x, weight, bias)
-    if x.shape[0] <= cpu_kernels.MAX_ROWS and weight.numel():  # dense kept: kernel built
+    # NOTE: the dense weight may be kept for another reader (a tied embedding) even where the
+    # kernel did not build, so its presence alone does not say the kernel is there.
+    if (x.shape[0] <= cpu_kernels.MAX_ROWS and weight.numel()
+            and cpu_kernels.available(weight.dtype)):
         return cpu_kernels.small_batch_linear(x, weight, bias)
     # NOTE: the op torch.compile's CPU freezing emits; measured 1.2-3x F.linear's speed at
     # batch 1-64 on AVX-512 (benchmarks/NOTES.md), whose kernels repack the weight every call.
