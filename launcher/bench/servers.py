@@ -88,7 +88,9 @@ def tgi_server_flags(dtype: str, threads: int, max_input_tokens: int, max_new_to
             "--max-input-tokens", str(max_input),
             "--max-total-tokens", str(max_input + max_new_tokens),
             "--max-batch-prefill-tokens", str(prefill),
-            "--max-batch-total-tokens", str(max(prefill, max_concurrency * per_request)),
+            # NOTE: at least one request of --max-total-tokens, which the router checks.
+            "--max-batch-total-tokens", str(max(prefill, max_concurrency * per_request,
+                                                max_input + max_new_tokens + block_size)),
             "--graceful-termination-timeout", "10"]
 
 

@@ -138,6 +138,8 @@ def test_server_flags_fit_every_stream_in_one_batch():
     assert int(values["--max-batch-total-tokens"]) >= 32 * (128 + 128)
     assert int(values["--max-batch-prefill-tokens"]) >= 32 * 128
     assert int(values["--max-input-tokens"]) < int(values["--max-total-tokens"])
+    one = dict(zip(*[iter(servers.tgi_server_flags("float32", 2, 128, 128, 1))] * 2))
+    assert int(one["--max-batch-total-tokens"]) >= int(one["--max-total-tokens"])
 
 
 def test_prompts_have_exact_length_and_distinct_first_blocks(model_dir):
