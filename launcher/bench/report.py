@@ -152,6 +152,7 @@ def write_plot(results: list[LoadResult], path: Path, title: str) -> str:
     ax.set_xlabel("inter-token latency p50 (ms), lower is better")
     ax.set_ylabel("output tokens/s, higher is better")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_title(title, fontsize=9)
