@@ -291,14 +291,8 @@ async def metrics(request: Request) -> Response:
 async def tokenize(request: Request) -> Response:
     state = request.app.state.router
     body = await parse_body(request, p.TokenizeRequest)
-    encoding = await asyncio.to_thread(
-        state.tokenizer, body.inputs, add_special_tokens=body.add_special_tokens,
-        return_offsets_mapping=True,
-    )
-    tokens = [
-        p.SimpleToken(id=i, text=body.inputs[a:b], start=a, stop=b)
-        for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"])
-    ]
+    tokens = await asyncio.to_thread(
+        state.validator.validate_tokenize, body.inputs, body.add_special_tokens)
     return JSONResponse([t.model_dump() for t in tokens])
 
 
