@@ -154,18 +154,22 @@ class Batcher:
         self.metrics.batch_inference_count.inc(method=method)
         start = time.monotonic()
         try:
-            generations, cached = await call
+            result = await call
         except ShardError as e:
             self.metrics.batch_inference_failure.inc(method=method)
             # As TGI: only the batches of the failed call are dropped; a failed prefill of
             # joining requests leaves the running batch to go on.
             await self._fail(request_ids, e, batch_ids)
             return None
-        self.metrics.batch_inference_duration.labels(method).observe(time.monotonic() - start)
-        self.metrics.batch_inference_success.inc(method=method)
-        for generation in generations:
+        m = self.metrics
+        m.batch_inference_duration.labels(method).observe(time.monotonic() - start)
+        m.batch_forward_duration.labels(method).observe(result.forward_ns / 1e9)
+        if method == "decode":
+            m.batch_concat_duration.labels(method).observe(result.concat_ns / 1e9)
+        m.batch_inference_success.inc(method=method)
+        for generation in result.generations:
             self._dispatch(generation)
-        return await self._filter(cached)
+        return await self._filter(result.batch)
 
     async def _filter(self, cached: CachedBatch | None) -> CachedBatch | None:
         """Drop finished and cancelled requests from the shards' batch."""

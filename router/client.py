@@ -49,6 +49,18 @@ class Generation:
 
 
 @dataclass(frozen=True, slots=True)
+class StepResult:
+    """What a Prefill or Decode call returns, with the slowest shard's own timings."""
+
+    generations: list[Generation]
+    # None when every request of the batch finished.
+    batch: CachedBatch | None
+    # Time inside the shards' handler, and in it the concatenation of batches (Decode only).
+    forward_ns: int = 0
+    concat_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ShardInfo:
     model_id: str
     model_type: str
@@ -199,10 +211,12 @@ class ShardedClient:
         request = pb.DecodeRequest(batches=[cached_batch_to_pb(b) for b in batches])
         return self._generated(await self._all("Decode", request))
 
-    def _generated(self, responses: list) -> tuple[list[Generation], CachedBatch | None]:
+    def _generated(self, responses: list) -> StepResult:
         batches = [cached_batch_from_pb(r.batch) if r.HasField("batch") else None for r in responses]
         batch = self._agree(batches)
-        return [generation_from_pb(g) for g in responses[0].generations], batch
+        return StepResult([generation_from_pb(g) for g in responses[0].generations], batch,
+                          forward_ns=max(r.forward_ns for r in responses),
+                          concat_ns=max(r.concat_ns for r in responses))
 
     @staticmethod
     def _agree(batches: list):

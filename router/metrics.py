@@ -89,6 +89,8 @@ class Metrics:
             "tgi_batch_inference_duration", "Prefill/decode call time (s)", DURATION_BUCKETS, ("method",))
         self.batch_forward_duration = hist(
             "tgi_batch_forward_duration", "Shard forward time (s)", DURATION_BUCKETS, ("method",))
+        self.batch_concat_duration = hist(
+            "tgi_batch_concat_duration", "Shard time joining batches (s)", DURATION_BUCKETS, ("method",))
         self.batch_filter_duration = hist("tgi_batch_filter_duration", "FilterBatch time (s)", DURATION_BUCKETS)
         self.batch_next_size = hist("tgi_batch_next_size", "Size of each new batch", SIZE_BUCKETS)
 

@@ -18,7 +18,8 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from tgi_server.router.client import BatchRequest, CachedBatch, Generation, ShardError, ShardInfo
+from tgi_server.router.client import (BatchRequest, CachedBatch, Generation, ShardError, ShardInfo,
+                                      StepResult)
 from tgi_server.router.types import FinishReason
 
 VOCAB_SIZE = 512
@@ -244,9 +245,9 @@ class FakeShardClient:
             generations.append(Generation(r.id, token, logprob(token), top, r.finish_reason,
                                           prefill_tokens))
         if all(r.finish_reason is not None for r in batch.requests):
-            return generations, None
+            return StepResult(generations, None, forward_ns=1000)
         self.batches[batch.id] = batch
-        return generations, batch.cached()
+        return StepResult(generations, batch.cached(), forward_ns=1000)
 
     def _pop(self, batch_id: int) -> FakeBatch:
         batch = self.batches.pop(batch_id, None)

@@ -334,7 +334,7 @@ async def test_metrics(router):
                  "tgi_request_inference_duration", "tgi_request_mean_time_per_token_duration",
                  "tgi_request_generated_tokens", "tgi_request_input_length",
                  "tgi_request_max_new_tokens", "tgi_batch_inference_duration",
-                 "tgi_batch_next_size"):
+                 "tgi_batch_forward_duration", "tgi_batch_next_size"):
         assert f"# TYPE {name} " in before, name
     assert "# TYPE tgi_request_count counter" in before
     assert metric(before, "tgi_batch_max_total_tokens") == NUM_BLOCKS * BLOCK_SIZE
@@ -356,5 +356,9 @@ async def test_metrics(router):
     assert moved('tgi_batch_inference_success{method="decode"}') == 4
     assert moved("tgi_request_duration_count") == 2
     assert moved("tgi_request_generated_tokens_sum") == 6
+    # The shard's own step time, per call (the fake reports 1 µs for each).
+    assert moved('tgi_batch_forward_duration_count{method="decode"}') == 4
+    assert moved('tgi_batch_forward_duration_sum{method="decode"}') == pytest.approx(4e-6)
+    assert moved('tgi_batch_concat_duration_count{method="decode"}') == 4
     assert metric(after, "tgi_batch_current_size") == 0
     assert metric(after, "tgi_queue_size") == 0

@@ -75,9 +75,9 @@ async def test_fan_out_is_concurrent_and_generations_come_from_rank_0(shards):
     client = ShardedClient(urls)
     await client.connect()
     batch = CachedBatch(1, (3,), 32, 6)
-    generations, cached = await client.decode([batch])
-    assert [g.token_id for g in generations] == [100]  # rank 0's, not rank 1's 101
-    assert cached == CachedBatch(1, (3,), 32, 7)
+    result = await client.decode([batch])
+    assert [g.token_id for g in result.generations] == [100]  # rank 0's, not rank 1's 101
+    assert result.batch == CachedBatch(1, (3,), 32, 7)
     await client.clear_cache()
     assert [s.calls for s in servicers] == [["Decode", "ClearCache"]] * 2
     await client.close()
@@ -97,8 +97,8 @@ async def test_rank_0_address_alone_finds_the_others(shards):
     client = ShardedClient(urls[:1])
     await client.connect()
     assert [s.url for s in client.shards] == urls  # rank 1 over TCP, from ServiceDiscovery
-    generations, _ = await client.decode([CachedBatch(1, (3,), 32, 6)])
-    assert [g.token_id for g in generations] == [100]
+    result = await client.decode([CachedBatch(1, (3,), 32, 6)])
+    assert [g.token_id for g in result.generations] == [100]
     await client.close()
 
 
