@@ -198,6 +198,7 @@ def _use_cpu_decode_kernel(q: Tensor, meta: AttentionMetadata, head_dim: int) ->
     # NOTE: decode only (one token per sequence, the last of its context); it reads each
     # sequence's blocks in place instead of gathering them per layer (benchmarks/NOTES.md).
     return (meta.max_query_len == 1 and q.device.type == "cpu" and head_dim % 16 == 0
+            and head_dim <= 256
             and cpu_kernels.available(q.dtype))
 
 

@@ -4,7 +4,9 @@
 // as torch.ops.tgi_cpu.decode_attention. The torch path gathers every sequence's blocks into
 // a padded copy per layer, then runs SDPA; here each (sequence, KV head) task reads its
 // blocks in place, once, for the `heads / kv_heads` query heads that share them.
-// Scores and softmax in float32; the output is rounded once to the query's dtype.
+// Scores and softmax in float32; the output is rounded once to the query's dtype. The
+// arithmetic, not the reads, was the cost (benchmarks/NOTES.md 8, 11): scores are reduced 16
+// tokens at a time and exponentiated 16 at a time.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,45 +28,145 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// r[i] = sum of the 16 lanes of v[i]: 15 adds and 30 shuffles for 16 sums, where 16
+// _mm512_reduce_add_ps would cost ~8 dependent instructions each.
+inline __m512 transpose_sum16(const __m512* v) {
+  __m512 pairs[8], quads[4], octs[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v2i(0+2), v2i+1(0+2), v2i(1+3), v2i+1(1+3)]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: one partial sum of each of v4i..v4i+3
+    quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)  // lanes [v8i..+3 half, v8i..+3 half, v8i+4..+7 half, ... half]
+    octs[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                            _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(octs[0], octs[1], 0x88),
+                       _mm512_shuffle_f32x4(octs[0], octs[1], 0xDD));
+}
+
+// exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r) with r = x - n ln2 and Cephes'
+// expf polynomial (relative error ~1e-7, as std::exp's float results).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
+// Walks a sequence's tokens through its block table without a division per token.
 template <typename T>
+struct TokenCursor {
+  const T* cache;
+  const int64_t* table;
+  int64_t block_size, row_stride, head_offset, block, offset;
+  TokenCursor(const T* cache, const int64_t* table, int64_t block_size, int64_t kv_heads,
+              int64_t head_dim, int64_t kv_head, int64_t start)
+      : cache(cache), table(table), block_size(block_size), row_stride(kv_heads * head_dim),
+        head_offset(kv_head * head_dim), block(start / block_size), offset(start % block_size) {}
+  const T* next() {
+    const T* row = cache + (table[block] * block_size + offset) * row_stride + head_offset;
+    if (++offset == block_size) offset = 0, ++block;
+    return row;
+  }
+};
+
+// One (sequence, KV head): the `group` query heads sharing it. q / out rows [group, D]; the
+// cache is [blocks, block_size, kv_heads, D]. CH = D / 16 when known at compile time (the
+// accumulators then live in registers), 0 for any other multiple of 16 up to 256.
+template <typename T, int CH>
 void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
                 int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t group,
                 int64_t head_dim, float scale, int64_t kv_head, T* out) {
-  // q / out: the group's rows [group, head_dim]; the cache is [blocks, block_size, kv, D].
-  const int64_t n = end - start, chunks = head_dim / 16;
-  std::vector<float> qf(group * head_dim), acc(group * head_dim, 0.f), scores(group * n);
+  const int64_t n = end - start, chunks = CH > 0 ? CH : head_dim / 16;
+  thread_local std::vector<float> qf, scores;
+  qf.resize(group * head_dim);
+  scores.resize(group * ((n + 15) / 16) * 16);
+  const int64_t stride = (n + 15) / 16 * 16;  // one score row per query head
   for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = float(q[i]) * scale;
-  auto slot = [&](int64_t t) {
-    return ((table[t / block_size] * block_size + t % block_size) * kv_heads + kv_head) * head_dim;
-  };
-  for (int64_t t = start; t < end; ++t) {
-    const T* k = k_cache + slot(t);
+
+  // Scores, 16 tokens at a time: each head's 16 partial dot products reduced in one go.
+  TokenCursor<T> keys(k_cache, table, block_size, kv_heads, head_dim, kv_head, start);
+  const T* rows[16];
+  __m512 partial[16];
+  for (int64_t base = 0; base < n; base += 16) {
+    const int64_t count = std::min<int64_t>(16, n - base);
+    for (int64_t i = 0; i < count; ++i) rows[i] = keys.next();
     for (int64_t j = 0; j < group; ++j) {
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c)
-        sum = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[j * head_dim + c * 16]), load16(k + c * 16), sum);
-      scores[j * n + (t - start)] = _mm512_reduce_add_ps(sum);
+      const float* qj = &qf[j * head_dim];
+      for (int64_t i = 0; i < 16; ++i) {
+        __m512 sum = _mm512_setzero_ps();
+        if (i < count)
+          for (int64_t c = 0; c < chunks; ++c)
+            sum = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c * 16), load16(rows[i] + c * 16), sum);
+        partial[i] = sum;
+      }
+      _mm512_storeu_ps(&scores[j * stride + base], transpose_sum16(partial));
     }
   }
+
+  // Softmax numerators in place; 1 / denominator per head.
   std::vector<float> inv(group);
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < group; ++j) {
-    float* s = &scores[j * n];
-    const float top = *std::max_element(s, s + n);
-    float total = 0.f;
-    for (int64_t t = 0; t < n; ++t) total += (s[t] = std::exp(s[t] - top));
-    inv[j] = 1.f / total;
+    float* s = &scores[j * stride];
+    __m512 top = minus_inf;
+    for (int64_t t = 0; t < n; t += 16)
+      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, tail_mask(n - t), s + t));
+    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 m = tail_mask(n - t);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), max)));
+      _mm512_storeu_ps(s + t, e);
+      total = _mm512_add_ps(total, e);
+    }
+    inv[j] = 1.f / _mm512_reduce_add_ps(total);
   }
-  for (int64_t t = start; t < end; ++t) {
-    const T* v = v_cache + slot(t);
-    for (int64_t j = 0; j < group; ++j) {
-      const __m512 p = _mm512_set1_ps(scores[j * n + (t - start)]);
-      float* a = &acc[j * head_dim];
+
+  // Weighted values: per head, two sets of accumulators over alternate tokens.
+  constexpr int kMaxChunks = CH > 0 ? CH : 16;
+  for (int64_t j = 0; j < group; ++j) {
+    __m512 acc[2][kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) acc[0][c] = acc[1][c] = _mm512_setzero_ps();
+    const float* p = &scores[j * stride];
+    TokenCursor<T> values(v_cache, table, block_size, kv_heads, head_dim, kv_head, start);
+    int64_t t = 0;
+    for (; t + 1 < n; t += 2) {
+      const T* v0 = values.next();
+      const T* v1 = values.next();
+      const __m512 p0 = _mm512_set1_ps(p[t]), p1 = _mm512_set1_ps(p[t + 1]);
+      for (int64_t c = 0; c < chunks; ++c) {
+        acc[0][c] = _mm512_fmadd_ps(p0, load16(v0 + c * 16), acc[0][c]);
+        acc[1][c] = _mm512_fmadd_ps(p1, load16(v1 + c * 16), acc[1][c]);
+      }
+    }
+    if (t < n) {
+      const T* v0 = values.next();
+      const __m512 p0 = _mm512_set1_ps(p[t]);
       for (int64_t c = 0; c < chunks; ++c)
-        _mm512_storeu_ps(a + c * 16, _mm512_fmadd_ps(p, load16(v + c * 16), _mm512_loadu_ps(a + c * 16)));
+        acc[0][c] = _mm512_fmadd_ps(p0, load16(v0 + c * 16), acc[0][c]);
+    }
+    alignas(64) float row[16];
+    const __m512 scale_j = _mm512_set1_ps(inv[j]);
+    for (int64_t c = 0; c < chunks; ++c) {
+      _mm512_store_ps(row, _mm512_mul_ps(_mm512_add_ps(acc[0][c], acc[1][c]), scale_j));
+      for (int d = 0; d < 16; ++d) out[j * head_dim + c * 16 + d] = T(row[d]);
     }
   }
-  for (int64_t j = 0; j < group; ++j)
-    for (int64_t d = 0; d < head_dim; ++d) out[j * head_dim + d] = T(acc[j * head_dim + d] * inv[j]);
 }
 
 template <typename T>
@@ -82,8 +184,14 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       const int64_t b = task / kv_heads, g = task % kv_heads, end = lp[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
       const int64_t offset = (b * heads + g * group) * head_dim;
-      attend_one<T>(qp + offset, kp, vp, tp + b * width, start, end, block_size, kv_heads,
-                    group, head_dim, float(scale), g, op + offset);
+      auto* one = &attend_one<T, 0>;
+      switch (head_dim / 16) {
+        case 2: one = &attend_one<T, 2>; break;
+        case 4: one = &attend_one<T, 4>; break;
+        case 8: one = &attend_one<T, 8>; break;
+      }
+      one(qp + offset, kp, vp, tp + b * width, start, end, block_size, kv_heads, group,
+          head_dim, float(scale), g, op + offset);
     }
   });
 }
@@ -92,7 +200,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [batch, heads, D], cache [blocks, bs, kv, D]");
-  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) == k_cache.size(3), "head_dim: a multiple of 16");
+  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 256 && q.size(2) == k_cache.size(3),
+              "head_dim: a multiple of 16, at most 256");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
               v_cache.is_contiguous(), "q and the contiguous caches share one dtype");

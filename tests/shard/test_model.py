@@ -246,19 +246,23 @@ def test_small_batch_kernel_matches_f_linear(dtype, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 5])
-def test_decode_kernel_matches_the_torch_path(dtype, window):
+# 32 / 64 / 128: the kernel's register-resident variants; 48: its generic one.
+@pytest.mark.parametrize("head_dim", [32, 48, 64, 128])
+def test_decode_kernel_matches_the_torch_path(dtype, window, head_dim):
     from tgi_server.shard.attention import _torch_paged_attention
 
     if not cpu_kernels.available(dtype):
         pytest.skip(f"the CPU kernels do not run {dtype} here")
     generator = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(40, BLOCK_SIZE, 2, 32, generator=generator).to(dtype)
-    v_cache = torch.randn(40, BLOCK_SIZE, 2, 32, generator=generator).to(dtype)
-    q = torch.randn(3, 6, 32, generator=generator).to(dtype)  # 3 heads per kv head
-    tables = torch.randperm(40, generator=generator)[:24].view(3, 8).tolist()
-    meta = AttentionMetadata.from_lists([1, 1, 1], [1, 13, 30], tables, BLOCK_SIZE)
-    want = _torch_paged_attention(q, k_cache, v_cache, meta, 0.125, window)
+    k_cache = torch.randn(100, BLOCK_SIZE, 2, head_dim, generator=generator).to(dtype)
+    v_cache = torch.randn(100, BLOCK_SIZE, 2, head_dim, generator=generator).to(dtype)
+    q = torch.randn(4, 6, head_dim, generator=generator).to(dtype)  # 3 heads per kv head
+    # Contexts: one token, within the first 16, several groups of 16 with a tail.
+    tables = torch.randperm(100, generator=generator)[:96].view(4, 24).tolist()
+    meta = AttentionMetadata.from_lists([1, 1, 1, 1], [1, 13, 30, 93], tables, BLOCK_SIZE)
+    scale = head_dim ** -0.5
+    want = _torch_paged_attention(q, k_cache, v_cache, meta, scale, window)
     got = cpu_kernels.decode_attention(q, k_cache, v_cache, meta.block_tables,
-                                       meta.context_lens, 0.125, window)
+                                       meta.context_lens, scale, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
