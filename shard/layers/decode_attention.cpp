@@ -15,6 +15,8 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -22,11 +24,8 @@
 
 namespace {
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+using tgi_simd::exp16;
+using tgi_simd::load16;
 
 // r[i] = sum of the 16 lanes of v[i]: 15 adds and 30 shuffles for 16 sums, where 16
 // _mm512_reduce_add_ps would cost ~8 dependent instructions each.
@@ -43,24 +42,6 @@ inline __m512 transpose_sum16(const __m512* v) {
                             _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(octs[0], octs[1], 0x88),
                        _mm512_shuffle_f32x4(octs[0], octs[1], 0xDD));
-}
-
-// exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r) with r = x - n ln2 and Cephes'
-// expf polynomial (relative error ~1e-7, as std::exp's float results).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
 }
 
 inline __mmask16 tail_mask(int64_t left) {

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from . import cpu_kernels
+
 
 def rope_parameters(config) -> dict:
     """The config's rope settings as one dict with `rope_type` and `rope_theta` filled in."""
@@ -133,7 +135,14 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [num_tokens, heads, D], k [num_tokens, kv_heads, D], positions [num_tokens]."""
+        """q [num_tokens, heads, D], k [num_tokens, kv_heads, D], positions [num_tokens].
+        On CPU q and k are rotated in place (they are views of the fused qkv output)."""
+        if (cpu_kernels.fused(q, 32) and self.params["rope_type"] != "dynamic"
+                and self.cos_sin_cache.dtype == torch.float32
+                and q.stride(-1) == 1 and k.stride(-1) == 1
+                and q.stride(1) == q.shape[2] and k.stride(1) == k.shape[2]):
+            cpu_kernels.rotary_(q, k, self.cos_sin_cache, positions)
+            return q, k
         cos_sin = self._cos_sin_for(positions).unsqueeze(1)  # [num_tokens, 1, D]
         cos, sin = cos_sin.chunk(2, dim=-1)  # [num_tokens, 1, D / 2] each
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)

@@ -169,7 +169,7 @@ def test_rotary_matches_transformers(case):
     # Positions past max_position_embeddings exercise dynamic NTK's rescaling.
     positions = torch.arange(200) if case == "dynamic" else torch.arange(128)
     q, k = torch.randn(len(positions), 2, 32), torch.randn(len(positions), 1, 32)
-    got_q, got_k = get_rope(config, 32)(positions, q, k)
+    got_q, got_k = get_rope(config, 32)(positions, q.clone(), k.clone())  # CPU: in place
     cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
     heads_first = (q.transpose(0, 1)[None], k.transpose(0, 1)[None])  # [1, heads, len, D]
     want_q, want_k = apply_rotary_pos_emb(*heads_first, cos, sin)

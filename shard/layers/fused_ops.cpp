@@ -1,0 +1,187 @@
+// The elementwise work of a decoder layer, one pass each: residual add + RMSNorm, SiLU-and-mul,
+// rotary embedding in place. In eager torch each is 4-8 ops with a temporary per op; at decode
+// that is ~1000 dispatches a step (benchmarks/NOTES.md 12).
+//
+// Called by norm.py, activation.py and rotary.py through cpu_kernels.py when the shapes allow
+// (rows a multiple of 16 elements). Every intermediate is rounded to the tensor's dtype where
+// torch's ops round it (the eager modules, and transformers, round after each op), so a
+// bfloat16 result differs from eager only where a float32 sum is added up in another order.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "simd.h"
+
+namespace {
+
+using tgi_simd::exp16;
+using tgi_simd::load16;
+using tgi_simd::round_to;
+using tgi_simd::store16;
+
+// out = weight * T(r * rsqrt(mean(r^2) + eps)), r = x + residual (residual and x written back
+// when `add`), one row at a time.
+template <typename T, bool add>
+void rms_rows(T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t n, float eps) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* xr = x + i * n;
+      T* rr = add ? residual + i * n : xr;
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t c = 0; c < n; c += 16) {
+        __m512 v = load16(xr + c);
+        if (add) {
+          v = round_to<T>(_mm512_add_ps(v, load16(rr + c)));
+          store16(rr + c, v);
+        }
+        squares = _mm512_fmadd_ps(v, v, squares);
+      }
+      const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(squares) / float(n) + eps);
+      const __m512 scale = _mm512_set1_ps(inv);
+      T* o = out + i * n;
+      for (int64_t c = 0; c < n; c += 16) {
+        const __m512 normed = round_to<T>(_mm512_mul_ps(load16(rr + c), scale));
+        store16(o + c, _mm512_mul_ps(load16(weight + c), normed));
+      }
+    }
+  });
+}
+
+void check_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 16 == 0,
+              what, ": a contiguous [rows, n] tensor with n a multiple of 16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              what, ": float32 or bfloat16 only");
+}
+
+template <bool add>
+void rms_dispatch(at::Tensor& x, at::Tensor* residual, const at::Tensor& weight, at::Tensor& out,
+                  double eps) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  if (x.scalar_type() == at::kFloat) {
+    rms_rows<float, add>(x.data_ptr<float>(), residual ? residual->data_ptr<float>() : nullptr,
+                         weight.data_ptr<float>(), out.data_ptr<float>(), rows, n, float(eps));
+  } else {
+    using B = c10::BFloat16;
+    rms_rows<B, add>(x.data_ptr<B>(), residual ? residual->data_ptr<B>() : nullptr,
+                     weight.data_ptr<B>(), out.data_ptr<B>(), rows, n, float(eps));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "rms_norm");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) &&
+              weight.scalar_type() == x.scalar_type(), "rms_norm: weight [n] of x's dtype");
+  auto xc = x;
+  auto out = at::empty_like(x);
+  rms_dispatch<false>(xc, nullptr, weight, out, eps);
+  return out;
+}
+
+// residual += x; x = rms_norm(residual) (both in place).
+void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  check_rows(x, "add_rms_norm_");
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.is_contiguous() &&
+              residual.scalar_type() == x.scalar_type(), "add_rms_norm_: residual like x");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) &&
+              weight.scalar_type() == x.scalar_type(), "add_rms_norm_: weight [n] of x's dtype");
+  rms_dispatch<true>(x, &residual, weight, x, eps);
+}
+
+// [rows, 2n] (gate | up) -> [rows, n]: T(T(silu(gate)) * up).
+template <typename T>
+void silu_rows(const T* x, T* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows * n / 16, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) {
+      const int64_t i = v * 16 / n, c = v * 16 % n;
+      const __m512 gate = load16(x + i * 2 * n + c), up = load16(x + i * 2 * n + n + c);
+      const __m512 one = _mm512_set1_ps(1.f);
+      const __m512 silu = round_to<T>(_mm512_div_ps(gate, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate)))));
+      store16(out + i * n + c, _mm512_mul_ps(silu, up));
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  check_rows(x, "silu_and_mul");
+  TORCH_CHECK(x.size(1) % 32 == 0, "silu_and_mul: halves a multiple of 16");
+  const int64_t rows = x.size(0), n = x.size(1) / 2;
+  auto out = at::empty({rows, n}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    silu_rows<float>(x.data_ptr<float>(), out.data_ptr<float>(), rows, n);
+  } else {
+    using B = c10::BFloat16;
+    silu_rows<B>(x.data_ptr<B>(), out.data_ptr<B>(), rows, n);
+  }
+  return out;
+}
+
+// Neox rotary in place on [tokens, heads, D] rows (a view of the fused qkv output is fine):
+// x1' = T(T(x1 c) - T(x2 s)), x2' = T(T(x2 c) + T(x1 s)), with c, s rounded to T first.
+template <typename T>
+void rotate_rows(T* x, int64_t tokens, int64_t heads, int64_t row_stride, int64_t head_dim,
+                 const float* cos_sin, const int64_t* positions) {
+  const int64_t half = head_dim / 2;
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* cs = cos_sin + positions[t] * head_dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* row = x + t * row_stride + h * head_dim;
+        for (int64_t c = 0; c < half; c += 16) {
+          const __m512 cv = round_to<T>(_mm512_loadu_ps(cs + c));
+          const __m512 sv = round_to<T>(_mm512_loadu_ps(cs + half + c));
+          const __m512 x1 = load16(row + c), x2 = load16(row + half + c);
+          store16(row + c, _mm512_sub_ps(round_to<T>(_mm512_mul_ps(x1, cv)),
+                                         round_to<T>(_mm512_mul_ps(x2, sv))));
+          store16(row + half + c, _mm512_add_ps(round_to<T>(_mm512_mul_ps(x2, cv)),
+                                                round_to<T>(_mm512_mul_ps(x1, sv))));
+        }
+      }
+    }
+  });
+}
+
+void rotary_one(at::Tensor& x, const at::Tensor& cos_sin, const at::Tensor& positions) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) &&
+              x.size(2) % 32 == 0, "rotary_: x [tokens, heads, D], rows contiguous, D % 32 == 0");
+  TORCH_CHECK(x.size(0) == positions.numel(), "rotary_: one position per token");
+  const int64_t tokens = x.size(0), heads = x.size(1), d = x.size(2);
+  if (x.scalar_type() == at::kFloat) {
+    rotate_rows<float>(x.data_ptr<float>(), tokens, heads, x.stride(0), d,
+                       cos_sin.data_ptr<float>(), positions.data_ptr<int64_t>());
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rotary_: float32 or bfloat16 only");
+    using B = c10::BFloat16;
+    rotate_rows<B>(x.data_ptr<B>(), tokens, heads, x.stride(0), d, cos_sin.data_ptr<float>(),
+                   positions.data_ptr<int64_t>());
+  }
+}
+
+void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos_sin, const at::Tensor& positions) {
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() &&
+              cos_sin.dim() == 2 && cos_sin.size(1) == q.size(2),
+              "rotary_: cos_sin [positions, D] float32");
+  const auto pos = positions.to(at::kLong).contiguous();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  for (int64_t t = 0; t < pos.numel(); ++t)
+    TORCH_CHECK(p[t] >= 0 && p[t] < cos_sin.size(0), "rotary_: position ", p[t], " past the cache");
+  rotary_one(q, cos_sin, pos);
+  rotary_one(k, cos_sin, pos);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tgi_cpu, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos_sin, Tensor positions) -> ()");
+  m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
+  m.impl("add_rms_norm_", c10::DispatchKey::CPU, &add_rms_norm_);
+  m.impl("silu_and_mul", c10::DispatchKey::CPU, &silu_and_mul);
+  m.impl("rotary_", c10::DispatchKey::CPU, &rotary_);
+}
