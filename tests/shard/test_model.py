@@ -5,6 +5,7 @@ non-contiguous blocks, the way the router hands them out.
 """
 
 import json
+import os
 import shutil
 
 import pytest
@@ -266,3 +267,24 @@ def test_decode_kernel_matches_the_torch_path(dtype, window, head_dim):
                                        meta.context_lens, scale, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_a_large_cpu_cache_is_zero_and_not_resident_until_written(model_dir):
+    from tgi_server.shard import kv_cache
+
+    model = load_model(model_dir("llama"), torch.float32, torch.device("cpu"), ParallelState())
+    per_block = kv_cache.kv_cache_bytes_per_block(model, BLOCK_SIZE, torch.float32)
+    num_blocks = 2 * kv_cache._LAZY_ZEROS_BYTES // per_block  # 128 MiB
+
+    def resident_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = resident_bytes()
+    cache = kv_cache.allocate_kv_cache(model, num_blocks, BLOCK_SIZE, torch.float32, "cpu")
+    assert resident_bytes() - before < cache.nbytes // 4  # torch.zeros would write it all
+    attn = model.model.layers[1].self_attn.attn
+    assert attn.k_cache.data_ptr() == cache[0, 1].data_ptr()
+    assert not cache[:, :, :: num_blocks // 7].any()  # reads as zeros
+    attn.v_cache[3].fill_(1.0)
+    assert cache[1, 1, 3].eq(1.0).all() and cache.sum() == attn.v_cache[3].numel()
