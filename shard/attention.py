@@ -33,6 +33,9 @@ class AttentionMetadata:
     block_tables: Tensor  # [batch, max_num_blocks] int64, padded with 0
     max_query_len: int
     max_context_len: int
+    # Every sequence's queries start at position 0 (a prefill with no cached prefix): the
+    # mask is plain causality, which SDPA can apply without reading a mask.
+    fresh: bool = False
 
     @classmethod
     def from_lists(
@@ -58,6 +61,7 @@ class AttentionMetadata:
             slot_mapping=tensor(slots), cu_seqlens_q=tensor(cu_seqlens_q),
             context_lens=tensor(context_lens), block_tables=tensor(padded),
             max_query_len=max(query_lens), max_context_len=max(context_lens),
+            fresh=query_lens == context_lens,
         )
 
 
@@ -121,11 +125,20 @@ def _sdpa_padded(
         return _sdpa_decode(q, k, v, mask, scale)
     coords = _token_coords(meta.cu_seqlens_q, num_tokens)
     q_pad = _pad(q, coords, batch, meta.max_query_len)  # [batch, max_query, heads, D]
-    out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True,
-    ).transpose(1, 2)  # [batch, max_query, heads, D]
-    return out[coords]
+    if meta.fresh and sliding_window is None:
+        # NOTE: right padding is harmless under causality: only padded (discarded) query rows
+        # see the padded keys. is_causal skips the blocks above the diagonal (half the work
+        # of a long prompt) where a boolean mask makes SDPA compute and then mask them.
+        out = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            scale=scale, enable_gqa=True,
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True,
+        )
+    return out.transpose(1, 2)[coords]  # [batch, max_query, heads, D] -> [tokens, heads, D]
 
 
 def _sdpa_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:

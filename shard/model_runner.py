@@ -90,6 +90,7 @@ class ModelRunner:
             block_tables=block_tables,
             max_query_len=max(query_lens),
             max_context_len=max(ends),
+            fresh=not any(starts),
         )
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.int64, device=dev),
