@@ -288,3 +288,27 @@ def test_a_large_cpu_cache_is_zero_and_not_resident_until_written(model_dir):
     assert not cache[:, :, :: num_blocks // 7].any()  # reads as zeros
     attn.v_cache[3].fill_(1.0)
     assert cache[1, 1, 3].eq(1.0).all() and cache.sum() == attn.v_cache[3].numel()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(model_dir, arch):
+    """The shard's bfloat16 path (packed weights, CPU kernels where built) errs from the
+    float32 reference no more than transformers' own bfloat16 forward does."""
+    path = model_dir(arch)
+    ours = load_model(path, torch.bfloat16, torch.device("cpu"), ParallelState())
+    pack_linear_weights(ours)
+    ref32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    seqs = prompts(ours.config.vocab_size, [7, 19], seed=4)
+    paged = Paged(ours, num_seqs=2, seed=4)
+    paged.cache = allocate_kv_cache(ours, NUM_BLOCKS, BLOCK_SIZE, torch.bfloat16, "cpu")
+    got = paged.step([0, 1], seqs)
+    for step in range(3):  # then decode steps through the paged decode path
+        new = [torch.tensor([(5 * step + 11 * i) % 400 + 3]) for i in range(2)]
+        seqs = [torch.cat([s, t]) for s, t in zip(seqs, new)]
+        got = [torch.cat([g, d]) for g, d in zip(got, paged.step([0, 1], new))]
+    for seq, ours_logits in zip(seqs, got):
+        want = reference_logits(ref32, seq)
+        ours_err = (ours_logits.float() - want).abs().max()
+        ref_err = (reference_logits(ref16, seq) - want).abs().max()
+        assert ours_err <= 2 * ref_err + 1e-3, (float(ours_err), float(ref_err))
