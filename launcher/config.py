@@ -32,6 +32,7 @@ class LaunchConfig:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    disable_custom_kernels: bool = False
     # Network. None: a unique socket path / a free port, picked by `resolved()`.
     hostname: str = "0.0.0.0"
     port: int = 3000
@@ -100,6 +101,7 @@ class LaunchConfig:
             memory_fraction=self.memory_fraction,
             num_threads=self.num_threads or default_num_threads(len(self.local_ranks)),
             trust_remote_code=self.trust_remote_code,
+            disable_custom_kernels=self.disable_custom_kernels,
             grpc_port=None if self.grpc_port_base is None else self.grpc_port_base + rank,
         )
 

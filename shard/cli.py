@@ -20,6 +20,7 @@ from tgi_server.launcher.argv import from_argv
 from tgi_server.proto import generate_pb2 as pb
 from tgi_server.shard.config import ShardConfig, host_port
 from tgi_server.shard.distributed import all_gather_object, init_distributed
+from tgi_server.shard.layers import cpu_kernels
 from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.model_runner import ModelRunner
 from tgi_server.shard.models import load_model
@@ -106,6 +107,8 @@ def build_service(config: ShardConfig) -> TextGenerationService:
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cpu":
         keep_freed_memory()
+    if config.disable_custom_kernels:
+        cpu_kernels.disable()
     threads = set_cpu_threads(config.num_threads, config.world_size)
     model_dir = resolve_model_dir(config.model_id, config.revision)
     # Before the rendezvous: a split that cannot work fails every rank at once, in one line.

@@ -27,6 +27,8 @@ class ShardConfig:
     # CPU threads for torch; None: the machine's cores divided by world_size.
     num_threads: int | None = None
     trust_remote_code: bool = False
+    # No C++ CPU kernels (cpu_kernels.py): oneDNN, SDPA and torch ops, weights held once.
+    disable_custom_kernels: bool = False
     # Also serve gRPC over TCP on grpc_host:grpc_port (None: the unix socket only), so a router
     # on another machine can reach this shard (multi-node, `tgi-router --shard-urls host:port`).
     grpc_port: int | None = None

@@ -23,6 +23,15 @@ SOURCES = [Path(__file__).with_name(f)
 MAX_ROWS = 2
 
 
+_disabled = False
+
+
+def disable() -> None:
+    """`--disable-custom-kernels`: `available()` is False from now on (call before loading)."""
+    global _disabled
+    _disabled = True
+
+
 @functools.cache
 def _load() -> bool:
     if not torch.cpu._is_avx512_supported():
@@ -47,7 +56,7 @@ def _load() -> bool:
 
 def available(dtype: torch.dtype) -> bool:
     """Whether the kernels run `dtype` natively on this CPU (building them on first use)."""
-    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+    if _disabled or (dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported()):
         return False
     return dtype in (torch.float32, torch.bfloat16) and _load()
 

@@ -91,8 +91,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
 def pack_linear_weights(model: nn.Module) -> int:
     """Packs the weight of every layer that has a `pack_weight()` (linear layers, LM head);
     returns how many were packed (0 where oneDNN cannot: other devices, dtypes or builds)."""
-    packed = sum(m.pack_weight() for m in model.modules() if hasattr(m, "pack_weight"))
-    logger.info("oneDNN-packed %d weight matrices", packed)
+    layers = [m for m in model.modules() if hasattr(m, "pack_weight")]
+    packed = sum(m.pack_weight() for m in layers)
+    dense = sum(m.weight.nbytes for m in layers
+                if m.packed_weight is not None and not getattr(m, "shares_embedding", False))
+    logger.info("oneDNN-packed %d weight matrices%s", packed,
+                f"; their unpacked copies ({dense / 2**20:.0f} MiB) stay for the small-batch "
+                "kernel (--disable-custom-kernels frees them)" if dense else "")
     return packed
 
 

@@ -312,3 +312,25 @@ def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(model_dir, arc
         ours_err = (ours_logits.float() - want).abs().max()
         ref_err = (reference_logits(ref16, seq) - want).abs().max()
         assert ours_err <= 2 * ref_err + 1e-3, (float(ours_err), float(ref_err))
+
+
+def test_disabled_custom_kernels_hold_each_weight_once(model_dir, monkeypatch):
+    """--disable-custom-kernels: no C++ kernel is called and the dense copies are freed."""
+    if not cpu_kernels.available(torch.float32):
+        pytest.skip("the CPU kernels do not build here")
+    model = load_model(model_dir("llama"), torch.float32, torch.device("cpu"), ParallelState())
+    tokens = torch.tensor([5, 6, 7])
+    meta = AttentionMetadata.from_lists([3], [3], [[0]], BLOCK_SIZE)
+    with torch.inference_mode(), forward_context(meta):
+        want = model.compute_logits(model(tokens, torch.arange(3)))
+    monkeypatch.setattr(cpu_kernels, "_disabled", True)
+    for op in ("small_batch_linear", "decode_attention", "rms_norm", "add_rms_norm_",
+               "silu_and_mul", "rotary_"):
+        monkeypatch.setattr(cpu_kernels, op, None)  # any call fails
+    if pack_linear_weights(model) == 0:
+        pytest.skip("oneDNN cannot pack float32 weights here")
+    assert model.model.layers[0].mlp.gate_up_proj.weight.numel() == 0
+    assert model.lm_head.weight.numel() == 0
+    with torch.inference_mode(), forward_context(meta):
+        got = model.compute_logits(model(tokens, torch.arange(3)))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
