@@ -55,7 +55,7 @@ class StepResult:
     generations: list[Generation]
     # None when every request of the batch finished.
     batch: CachedBatch | None
-    # Time inside the shards' handler, and in it the concatenation of batches (Decode only).
+    # The slowest shard's step on its model thread, and its joining of batches (Decode only).
     forward_ns: int = 0
     concat_ns: int = 0
 

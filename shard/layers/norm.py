@@ -26,7 +26,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`: (norm(x + residual), x + residual), and on CPU both are
         written in place of x and residual."""
-        if cpu_kernels.fused(x) and x.is_contiguous() and x.dim() == 2:
+        if (cpu_kernels.fused(x) and x.is_contiguous() and x.dim() == 2
+                and (residual is None or residual.is_contiguous())):
             if residual is None:
                 return cpu_kernels.rms_norm(x, self.weight, self.eps)
             cpu_kernels.add_rms_norm_(x, residual, self.weight, self.eps)
