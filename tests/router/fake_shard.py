@@ -18,8 +18,14 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from tgi_server.router.client import (BatchRequest, CachedBatch, Generation, ShardError, ShardInfo,
-                                      StepResult)
+from tgi_server.router.client import (
+    BatchRequest,
+    CachedBatch,
+    Generation,
+    ShardError,
+    ShardInfo,
+    StepResult,
+)
 from tgi_server.router.types import FinishReason
 
 VOCAB_SIZE = 512
