@@ -141,6 +141,29 @@ class ShardClient:
         self.url = url
         self.channel = grpc.aio.insecure_channel(channel_target(url))
         self.stub = pb_grpc.TextGenerationServiceStub(self.channel)
+        self._decodes = None  # the open DecodeStream call, if any
+
+    async def decode(self, request: pb.DecodeRequest) -> pb.GenerateResponse:
+        """One Decode over the long-lived DecodeStream (reopened after any failure)."""
+        try:
+            if self._decodes is None:
+                self._decodes = self.stub.DecodeStream()
+            await self._decodes.write(request)
+            response = await self._decodes.read()
+        except BaseException as e:
+            # NOTE: a failed or cancelled step leaves the stream out of step: drop it (a
+            # failed call has ended already; a cancelled one is cancelled here).
+            if self._decodes is not None and not isinstance(e, grpc.aio.AioRpcError):
+                self._decodes.cancel()
+            self._decodes = None
+            if isinstance(e, grpc.aio.AioRpcError):
+                raise ShardError(f"shard {self.url}: Decode failed: "
+                                 f"{e.details() or e.code().name}") from e
+            raise
+        if response is grpc.aio.EOF:
+            self._decodes = None
+            raise ShardError(f"shard {self.url}: Decode failed: the stream ended")
+        return response
 
     async def call(self, method: str, request, timeout: float | None = None):
         try:
@@ -149,6 +172,8 @@ class ShardClient:
             raise ShardError(f"shard {self.url}: {method} failed: {e.details() or e.code().name}") from e
 
     async def close(self) -> None:
+        if self._decodes is not None:
+            self._decodes.cancel()
         await self.channel.close()
 
 
@@ -209,7 +234,14 @@ class ShardedClient:
 
     async def decode(self, batches: list[CachedBatch]):
         request = pb.DecodeRequest(batches=[cached_batch_to_pb(b) for b in batches])
-        return self._generated(await self._all("Decode", request))
+        # NOTE: every shard's step must end before the next one starts on its stream, so a
+        # failure on one rank waits for the others instead of returning at once.
+        responses = await asyncio.gather(*(s.decode(request) for s in self.shards),
+                                         return_exceptions=True)
+        for r in responses:
+            if isinstance(r, BaseException):
+                raise r
+        return self._generated(responses)
 
     def _generated(self, responses: list) -> StepResult:
         batches = [cached_batch_from_pb(r.batch) if r.HasField("batch") else None for r in responses]

@@ -103,6 +103,13 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return self._respond(batch, outputs, start, forward_ns)
 
     async def Decode(self, request, context):
+        return await self._decode(request, context)
+
+    async def DecodeStream(self, request_iterator, context):
+        async for request in request_iterator:
+            yield await self._decode(request, context)
+
+    async def _decode(self, request, context) -> pb.GenerateResponse:
         start = time.perf_counter_ns()
         batches = [self._pop(b.id, context) for b in request.batches]
         batch = Batch.concatenate(batches)

@@ -23,6 +23,7 @@ class ScriptedShard(pb_grpc.TextGenerationServiceServicer):
         self.urls: list[str] = []
         self.current_tokens = 7  # what Decode reports; a test makes one rank disagree
         self.calls: list[str] = []
+        self.streams = 0  # DecodeStream calls opened
 
     async def Info(self, request, context):
         return pb.InfoResponse(model_id="m", world_size=self.world_size, block_size=16)
@@ -34,8 +35,15 @@ class ScriptedShard(pb_grpc.TextGenerationServiceServicer):
         self.calls.append("ClearCache")
         return pb.ClearCacheResponse()
 
+    async def DecodeStream(self, request_iterator, context):
+        self.streams += 1
+        async for request in request_iterator:
+            yield await self.Decode(request, context)
+
     async def Decode(self, request, context):
         self.calls.append("Decode")
+        if request.batches[0].id == 99:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "batch 99 not found")
         # Every rank must be inside Decode at the same time (as in a real collective), or
         # this wait never ends: a client calling the ranks one after another would hang.
         await asyncio.wait_for(self.barrier.wait(), 5)
@@ -108,4 +116,20 @@ async def test_wrong_number_of_addresses_is_a_clear_error(shards):
     with pytest.raises(ShardError, match="3 shard addresses were given but the shards form a "
                                          "tensor-parallel group of 2"):
         await client.connect()
+    await client.close()
+
+
+async def test_decodes_share_one_stream_until_a_step_fails(shards):
+    servicers, urls = shards
+    client = ShardedClient(urls)
+    await client.connect()
+    for _ in range(3):
+        result = await client.decode([CachedBatch(1, (3,), 32, 6)])
+        assert [g.token_id for g in result.generations] == [100]
+    assert [s.streams for s in servicers] == [1, 1]
+    with pytest.raises(ShardError, match="batch 99 not found"):
+        await client.decode([CachedBatch(99, (3,), 32, 6)])
+    result = await client.decode([CachedBatch(1, (3,), 32, 6)])  # on a new stream
+    assert [g.token_id for g in result.generations] == [100]
+    assert [s.streams for s in servicers] == [2, 2]
     await client.close()
