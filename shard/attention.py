@@ -112,33 +112,38 @@ def _sdpa_padded(
     """
     num_tokens, batch = q.shape[0], context_lens.shape[0]
     is_decode = meta.max_query_len == 1  # every sequence has exactly one new token
-    query_start = context_lens - meta.cu_seqlens_q.diff()  # [batch] position of the first new token
-    rows = torch.arange(meta.max_query_len, device=q.device)
-    q_pos = query_start[:, None] + rows  # [batch, max_query] absolute position of each query row
-    k_pos = torch.arange(k.shape[1], device=q.device)  # [max_context]
-    # NOTE: keys past a sequence's context are masked by causality alone; only the padded
-    # query rows (discarded below) can see them.
-    mask = k_pos <= q_pos[..., None]  # [batch, max_query, max_context]
-    if sliding_window is not None:
-        mask &= k_pos > q_pos[..., None] - sliding_window
+    # NOTE: right padding is harmless under causality: only padded (discarded) query rows
+    # see the padded keys. With no cached prefix and no window, is_causal stands for the mask
+    # and lets SDPA skip the blocks above the diagonal (half the work of a long prompt),
+    # where a boolean mask makes it compute and then mask them.
+    causal_only = meta.fresh and sliding_window is None and not is_decode
+    mask = None if causal_only else _mask(meta, context_lens, k.shape[1], sliding_window)
     if is_decode:
         return _sdpa_decode(q, k, v, mask, scale)
     coords = _token_coords(meta.cu_seqlens_q, num_tokens)
     q_pad = _pad(q, coords, batch, meta.max_query_len)  # [batch, max_query, heads, D]
-    if meta.fresh and sliding_window is None:
-        # NOTE: right padding is harmless under causality: only padded (discarded) query rows
-        # see the padded keys. is_causal skips the blocks above the diagonal (half the work
-        # of a long prompt) where a boolean mask makes SDPA compute and then mask them.
-        out = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            scale=scale, enable_gqa=True,
-        )
-    else:
-        out = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True,
-        )
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=None if mask is None else mask.unsqueeze(1), is_causal=causal_only,
+        scale=scale, enable_gqa=True,
+    )
     return out.transpose(1, 2)[coords]  # [batch, max_query, heads, D] -> [tokens, heads, D]
+
+
+def _mask(meta: AttentionMetadata, context_lens: Tensor, max_context: int,
+          sliding_window: int | None) -> Tensor:
+    """[batch, max_query, max_context]: which keys each (padded) query row may see."""
+    device = context_lens.device
+    query_start = context_lens - meta.cu_seqlens_q.diff()  # [batch] position of the first new token
+    rows = torch.arange(meta.max_query_len, device=device)
+    q_pos = query_start[:, None] + rows  # [batch, max_query] absolute position of each query row
+    k_pos = torch.arange(max_context, device=device)  # [max_context]
+    # NOTE: keys past a sequence's context are masked by causality alone; only the padded
+    # query rows (discarded by the caller) can see them.
+    mask = k_pos <= q_pos[..., None]
+    if sliding_window is not None:
+        mask &= k_pos > q_pos[..., None] - sliding_window
+    return mask
 
 
 def _sdpa_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
