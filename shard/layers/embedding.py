@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import ParallelState, all_gather, all_reduce
-from . import cpu_kernels
-from .linear import copy_checked, linear, load_narrow, loaded_shape, onednn_pack, onednn_packable
+from .linear import copy_checked, linear, load_narrow, loaded_shape, pack_module_weight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -58,13 +57,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     shares_embedding: bool = False  # set by a model with tied embeddings
 
     def pack_weight(self) -> bool:
-        """oneDNN-packs the head; the dense weight stays only if the embedding reads it."""
-        if self.packed_weight is not None or not onednn_packable(self.weight):
-            return False
-        self.packed_weight = onednn_pack(self.weight)
-        if not (self.shares_embedding or cpu_kernels.available(self.weight.dtype)):
-            self.weight.data = self.weight.data.new_empty(0)
-        return True
+        """oneDNN-packs the head; a tied embedding keeps reading the dense weight."""
+        return pack_module_weight(self, dense_read_elsewhere=self.shares_embedding)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.weight, self.packed_weight, None)  # [num_tokens, vocab_per_rank]

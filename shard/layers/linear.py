@@ -73,6 +73,17 @@ def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
+def pack_module_weight(module: nn.Module, dense_read_elsewhere: bool = False) -> bool:
+    """Sets `module.packed_weight` from `module.weight` (once) and frees the dense weight
+    unless the small-batch kernel or another reader (`dense_read_elsewhere`) needs it."""
+    if module.packed_weight is not None or not onednn_packable(module.weight):
+        return False
+    module.packed_weight = onednn_pack(module.weight)
+    if not (dense_read_elsewhere or cpu_kernels.available(module.weight.dtype)):
+        module.weight.data = module.weight.data.new_empty(0)  # the dense copy is no longer read
+    return True
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
            bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] -> [..., out], through the packed weight when there is one."""
@@ -124,12 +135,7 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def pack_weight(self) -> bool:
-        if self.packed_weight is not None or not onednn_packable(self.weight):
-            return False
-        self.packed_weight = onednn_pack(self.weight)
-        if not cpu_kernels.available(self.weight.dtype):
-            self.weight.data = self.weight.data.new_empty(0)  # the dense copy is no longer read
-        return True
+        return pack_module_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.packed_weight, self.bias)
