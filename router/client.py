@@ -150,15 +150,14 @@ class ShardClient:
                 self._decodes = self.stub.DecodeStream()
             await self._decodes.write(request)
             response = await self._decodes.read()
-        except BaseException as e:
-            # NOTE: a failed or cancelled step leaves the stream out of step: drop it (a
-            # failed call has ended already; a cancelled one is cancelled here).
-            if self._decodes is not None and not isinstance(e, grpc.aio.AioRpcError):
+        except grpc.aio.AioRpcError as e:
+            self._decodes = None  # the failed call has ended; the next step opens a new one
+            raise self._error("Decode", e) from e
+        except BaseException:
+            # NOTE: a cancelled step leaves the stream out of step: end it.
+            if self._decodes is not None:
                 self._decodes.cancel()
             self._decodes = None
-            if isinstance(e, grpc.aio.AioRpcError):
-                raise ShardError(f"shard {self.url}: Decode failed: "
-                                 f"{e.details() or e.code().name}") from e
             raise
         if response is grpc.aio.EOF:
             self._decodes = None
@@ -169,7 +168,10 @@ class ShardClient:
         try:
             return await getattr(self.stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            raise ShardError(f"shard {self.url}: {method} failed: {e.details() or e.code().name}") from e
+            raise self._error(method, e) from e
+
+    def _error(self, method: str, e: grpc.aio.AioRpcError) -> ShardError:
+        return ShardError(f"shard {self.url}: {method} failed: {e.details() or e.code().name}")
 
     async def close(self) -> None:
         if self._decodes is not None:

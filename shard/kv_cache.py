@@ -55,5 +55,3 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     # NOTE: the tensor's storage holds the mmap object: unmapped when the last view goes.
     pages = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
     return pages.view(dtype).view(shape)
-
-
