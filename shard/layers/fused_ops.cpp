@@ -61,6 +61,8 @@ void check_rows(const at::Tensor& x, const char* what) {
 template <bool add>
 void rms_dispatch(at::Tensor& x, at::Tensor* residual, const at::Tensor& weight, at::Tensor& out,
                   double eps) {
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) &&
+              weight.scalar_type() == x.scalar_type(), "rms norm: weight [n] of x's dtype");
   const int64_t rows = x.size(0), n = x.size(1);
   if (x.scalar_type() == at::kFloat) {
     rms_rows<float, add>(x.data_ptr<float>(), residual ? residual->data_ptr<float>() : nullptr,
@@ -74,8 +76,6 @@ void rms_dispatch(at::Tensor& x, at::Tensor* residual, const at::Tensor& weight,
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, "rms_norm");
-  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) &&
-              weight.scalar_type() == x.scalar_type(), "rms_norm: weight [n] of x's dtype");
   auto xc = x;
   auto out = at::empty_like(x);
   rms_dispatch<false>(xc, nullptr, weight, out, eps);
@@ -87,8 +87,6 @@ void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight
   check_rows(x, "add_rms_norm_");
   TORCH_CHECK(residual.sizes() == x.sizes() && residual.is_contiguous() &&
               residual.scalar_type() == x.scalar_type(), "add_rms_norm_: residual like x");
-  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) &&
-              weight.scalar_type() == x.scalar_type(), "add_rms_norm_: weight [n] of x's dtype");
   rms_dispatch<true>(x, &residual, weight, x, eps);
 }
 
@@ -99,8 +97,9 @@ void silu_rows(const T* x, T* out, int64_t rows, int64_t n) {
     for (int64_t v = begin; v < end; ++v) {
       const int64_t i = v * 16 / n, c = v * 16 % n;
       const __m512 gate = load16(x + i * 2 * n + c), up = load16(x + i * 2 * n + n + c);
-      const __m512 one = _mm512_set1_ps(1.f);
-      const __m512 silu = round_to<T>(_mm512_div_ps(gate, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate)))));
+      const __m512 denominator =
+          _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate)));
+      const __m512 silu = round_to<T>(_mm512_div_ps(gate, denominator));
       store16(out + i * n + c, _mm512_mul_ps(silu, up));
     }
   });
