@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tgi_server.shard.layers.linear import onednn_pack, onednn_packable
+
 
 @dataclass(frozen=True)
 class Roof:
@@ -41,12 +43,10 @@ def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype) -> float:
     x = torch.randn(m, k, dtype=dtype)
     w = torch.randn(n, k, dtype=dtype)
     seconds = _best_time(lambda: torch.nn.functional.linear(x, w), repeats=5)
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+    if onednn_packable(w):
+        packed = onednn_pack(w)
         onednn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         seconds = min(seconds, _best_time(onednn, repeats=5))
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        pass
     return 2 * m * k * n / seconds / 1e9
 
 
