@@ -134,6 +134,12 @@ def tgi_launch(
         "--enable-prefill-logprobs", env="ENABLE_PREFILL_LOGPROBS",
         help="Allow requests to ask for the prompt tokens' logprobs (`decoder_input_details`).",
     )] = False,
+    disable_lookahead: Annotated[bool, _opt(
+        "--disable-lookahead", env="DISABLE_LOOKAHEAD",
+        help="Decode one step at a time instead of having the shards start the next step "
+             "before the router has handled the last one (that overlap hides the round trip "
+             "between steps; a request arriving meanwhile waits one more step to start).",
+    )] = False,
     api_key: Annotated[str | None, _opt(
         "--api-key", env="API_KEY",
         help="When set, requests need `Authorization: Bearer <key>`.",

@@ -62,6 +62,7 @@ class LaunchConfig:
     max_waiting_tokens: int = 20
     waiting_served_ratio: float = 0.3
     enable_prefill_logprobs: bool = False
+    disable_lookahead: bool = False
     api_key: str | None = None
     # OpenAI API: chat template file override; names clients may ask for (default: model id).
     chat_template: str | None = None
@@ -139,8 +140,8 @@ _SHARED_ROUTER_FIELDS = (
     "max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_top_n_tokens",
     "max_input_tokens", "max_total_tokens", "max_client_batch_size", "payload_limit",
     "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
-    "max_waiting_tokens", "waiting_served_ratio", "enable_prefill_logprobs", "api_key",
-    "chat_template", "served_model_name",
+    "max_waiting_tokens", "waiting_served_ratio", "enable_prefill_logprobs", "disable_lookahead",
+    "api_key", "chat_template", "served_model_name",
 )
 
 

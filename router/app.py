@@ -112,6 +112,7 @@ async def build_state(config: RouterConfig, client: ShardedClient, tokenizer=Non
         max_waiting_tokens=config.max_waiting_tokens,
         waiting_served_ratio=config.waiting_served_ratio,
         enable_prefill_logprobs=config.enable_prefill_logprobs,
+        lookahead=not config.disable_lookahead,
     )
     batcher = Batcher(client, queue, allocator, tokenizer, batching, metrics)
     return RouterState(

@@ -6,6 +6,11 @@ then decode the running batch step after step; between steps, waiting requests a
 and joined when they fit the budgets and enough are waiting (`waiting_served_ratio`) or the
 running batch has waited `max_waiting_tokens` steps. After every call, finished and cancelled
 requests leave through FilterBatch and their KV blocks return to the allocator at once.
+
+Decodes look ahead (`BatchingConfig.lookahead`): the shards start the next step before they
+answer, so the round trip to the router and its dispatch of the tokens overlap that step. A
+batch whose step already ran is collected alone (a Decode without compute) before new
+requests join it; a request stopped by the router meanwhile costs one discarded token.
 """
 
 import asyncio
@@ -33,6 +38,7 @@ class BatchingConfig:
     max_waiting_tokens: int
     waiting_served_ratio: float
     enable_prefill_logprobs: bool = False
+    lookahead: bool = True
 
 
 @dataclass(slots=True)
@@ -94,8 +100,10 @@ class Batcher:
             if self.num_prefilled_requests > num_prefilled:
                 waiting_steps = 1
             if new is not None:
-                batches.append(new)
-            cached = await self._decode(batches)
+                if cached.ahead:
+                    cached = await self._decode([cached], lookahead=False)
+                batches = [b for b in (cached, new) if b is not None]
+            cached = await self._decode(batches, lookahead=self.config.lookahead)
             waiting_steps += 1
         self._check_idle()
         return self.num_prefilled_requests > before
@@ -145,9 +153,10 @@ class Batcher:
         return await self._call("prefill", self.client.prefill(batch_id, requests),
                                 [e.id for e in entries], [batch_id])
 
-    async def _decode(self, batches: list[CachedBatch]) -> CachedBatch | None:
+    async def _decode(self, batches: list[CachedBatch], lookahead: bool) -> CachedBatch | None:
         ids = [rid for b in batches for rid in b.request_ids]
-        return await self._call("decode", self.client.decode(batches), ids, [b.id for b in batches])
+        return await self._call("decode", self.client.decode(batches, lookahead), ids,
+                                [b.id for b in batches])
 
     async def _call(self, method: str, call, request_ids: list[int],
                     batch_ids: list[int]) -> CachedBatch | None:

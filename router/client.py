@@ -31,6 +31,8 @@ class CachedBatch:
     request_ids: tuple[int, ...]
     max_tokens: int
     current_tokens: int
+    # The shards already run this batch's next step (see `ShardedClient.decode`).
+    ahead: bool = False
 
     @property
     def size(self) -> int:
@@ -104,12 +106,12 @@ def request_to_pb(r: BatchRequest) -> pb.Request:
 
 
 def cached_batch_from_pb(b: pb.CachedBatch) -> CachedBatch:
-    return CachedBatch(b.id, tuple(b.request_ids), b.max_tokens, b.current_tokens)
+    return CachedBatch(b.id, tuple(b.request_ids), b.max_tokens, b.current_tokens, b.ahead)
 
 
 def cached_batch_to_pb(b: CachedBatch) -> pb.CachedBatch:
     return pb.CachedBatch(id=b.id, request_ids=b.request_ids, size=b.size,
-                          max_tokens=b.max_tokens, current_tokens=b.current_tokens)
+                          max_tokens=b.max_tokens, current_tokens=b.current_tokens, ahead=b.ahead)
 
 
 def generation_from_pb(g: pb.Generation) -> Generation:
@@ -234,8 +236,14 @@ class ShardedClient:
         batch = pb.Batch(id=batch_id, requests=[request_to_pb(r) for r in requests])
         return self._generated(await self._all("Prefill", pb.PrefillRequest(batch=batch)))
 
-    async def decode(self, batches: list[CachedBatch]):
-        request = pb.DecodeRequest(batches=[cached_batch_to_pb(b) for b in batches])
+    async def decode(self, batches: list[CachedBatch], lookahead: bool = False):
+        """One step of `batches`: either all `ahead` (their step already ran) or none.
+
+        `lookahead`: the shards start the next step of the resulting batch before answering,
+        unless a request finished; the returned batch is then `ahead`.
+        """
+        request = pb.DecodeRequest(batches=[cached_batch_to_pb(b) for b in batches],
+                                   lookahead=lookahead)
         # NOTE: every shard's step must end before the next one starts on its stream, so a
         # failure on one rank waits for the others instead of returning at once.
         responses = await asyncio.gather(*(s.decode(request) for s in self.shards),

@@ -31,6 +31,8 @@ class RouterConfig:
     max_waiting_tokens: int = 20
     waiting_served_ratio: float = 0.3
     enable_prefill_logprobs: bool = False
+    # Decode one step at a time (no lookahead, see batcher.py).
+    disable_lookahead: bool = False
     api_key: str | None = None
     # OpenAI API: a Jinja chat template file overriding the tokenizer's, and the model names
     # clients may ask for (default: the model id; "tgi" is always accepted too).

@@ -2,7 +2,8 @@
 
 Upstream: the router's `client.py`, over a unix socket (or TCP). Downstream: `model_runner.py`.
 Model work runs on one worker thread, so the event loop keeps answering Health while a step
-runs, and steps never overlap.
+runs, and steps never overlap. A Decode asked to look ahead queues the batch's next step on that
+thread before it answers; the step's tokens wait in `ahead` for the next call on the batch.
 """
 
 import asyncio
@@ -45,6 +46,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         self.urls = urls
         self.info = info
         self.cache: dict[int, Batch] = {}
+        # Batch id -> its next decode step, queued or running on the model thread (lookahead).
+        # While it is there the step owns the cached Batch: every call on it awaits it first.
+        self.ahead: dict[int, asyncio.Future] = {}
         # The one thread that runs the model (cli.py loads the model on it too).
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
@@ -67,17 +71,29 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return pb.ServiceDiscoveryResponse(urls=self.urls)
 
     async def ClearCache(self, request, context):
-        if request.HasField("id"):
-            self.cache.pop(request.id, None)
-        else:
-            self.cache.clear()
+        ids = [request.id] if request.HasField("id") else list(self.cache)
+        for batch_id in ids:
+            self.cache.pop(batch_id, None)
+            ahead = self.ahead.pop(batch_id, None)
+            if ahead is not None:
+                # The dropped batch's step must end before its KV blocks are handed out again.
+                await asyncio.gather(ahead, return_exceptions=True)
         return pb.ClearCacheResponse()
 
     async def FilterBatch(self, request, context):
-        batch = self._pop(request.batch_id, context)
-        batch = batch.filter(list(request.request_ids))
+        batch, ran = await self._take(request.batch_id)
+        keep = list(request.request_ids)
+        batch = batch.filter(keep)
         self.cache[batch.batch_id] = batch
-        return pb.FilterBatchResponse(batch=batch.to_pb())
+        cached = batch.to_pb()
+        if ran is not None:
+            kept = set(keep)
+            outputs = [o for o in ran[0] if o.request_id in kept]
+            done = asyncio.get_running_loop().create_future()
+            done.set_result((outputs, ran[1]))
+            self.ahead[batch.batch_id] = done
+            cached.ahead = True
+        return pb.FilterBatchResponse(batch=cached)
 
     async def Warmup(self, request, context):
         if self.cache:
@@ -111,13 +127,31 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
     async def _decode(self, request, context) -> pb.GenerateResponse:
         start = time.perf_counter_ns()
-        batches = [self._pop(b.id, context) for b in request.batches]
-        batch = Batch.concatenate(batches)
+        taken = [await self._take(b.id) for b in request.batches]
+        ran = [r for _, r in taken if r is not None]
+        if ran and len(ran) < len(taken):
+            raise ValueError("Decode mixes batches whose next step already ran (lookahead) "
+                             "with batches whose step did not")
+        batch = Batch.concatenate([b for b, _ in taken])
         concat_ns = time.perf_counter_ns() - start
-        outputs, forward_ns = await self._step(self.runner.decode, batch)
+        if ran:
+            outputs = [o for r in ran for o in r[0]]
+            forward_ns = sum(r[1] for r in ran)
+        else:
+            outputs, forward_ns = await self._step(self.runner.decode, batch)
         response = self._respond(batch, outputs, start, forward_ns)
         response.concat_ns = concat_ns
+        if request.lookahead and response.HasField("batch") and not batch.finished:
+            # NOTE: the response's batch state was read above, before the step can change it.
+            self.ahead[batch.batch_id] = asyncio.ensure_future(self._step(self.runner.decode, batch))
+            response.batch.ahead = True
         return response
+
+    async def _take(self, batch_id: int) -> tuple[Batch, tuple | None]:
+        """Pops a cached batch, and the (outputs, forward_ns) of its step if that ran ahead."""
+        batch = self._pop(batch_id)
+        ahead = self.ahead.pop(batch_id, None)
+        return batch, (await ahead if ahead is not None else None)
 
     async def _step(self, fn, batch: Batch) -> tuple[list[StepOutput], int]:
         """Runs a step on the model thread; also returns the time it took there."""
@@ -127,7 +161,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             return outputs, time.perf_counter_ns() - start
         return await self._run(timed)
 
-    def _pop(self, batch_id: int, context) -> Batch:
+    def _pop(self, batch_id: int) -> Batch:
         batch = self.cache.pop(batch_id, None)
         if batch is None:
             # NOTE: an unknown id is a router bug or a router talking to a restarted shard.

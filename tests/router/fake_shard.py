@@ -3,7 +3,10 @@
 Used by `test_batcher.py` and `test_app.py` in place of gRPC shards. It keeps a
 `dict[batch_id, FakeBatch]` as `shard/server.py` does: Prefill caches the new batch, Decode
 pops and concatenates the given handles (the first id survives), FilterBatch keeps the given
-requests, ClearCache drops one batch or all. A request finishes on eos (EOS_TOKEN, unless
+requests, ClearCache drops one batch or all. A Decode with `lookahead` in which no request
+finished leaves its batch `ahead`: the fake generates that step's tokens when the next Decode
+collects them (the same tokens the real shard computes early), and a Decode mixing ahead and
+other batches is rejected as the real shard rejects it. A request finishes on eos (EOS_TOKEN, unless
 `ignore_eos_token`) or `max_new_tokens` (LENGTH), stays in its batch until filtered, and the
 response carries no batch once every request of it finished.
 
@@ -14,6 +17,7 @@ blocks...) is appended to `violations` and raised as a `ShardError`.
 """
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -66,6 +70,7 @@ class FakeRequest:
 class FakeBatch:
     id: int
     requests: list[FakeRequest]
+    ahead: bool = False
 
     @property
     def request_ids(self) -> tuple[int, ...]:
@@ -75,7 +80,7 @@ class FakeBatch:
         # As shard/batch.py: KV tokens reserved, and tokens whose k/v are in the cache.
         max_tokens = sum(len(r.input_ids) + r.max_new_tokens for r in self.requests)
         current = sum(len(r.input_ids) + len(r.generated) - 1 for r in self.requests)
-        return CachedBatch(self.id, self.request_ids, max_tokens, current)
+        return CachedBatch(self.id, self.request_ids, max_tokens, current, self.ahead)
 
 
 class FakeShardClient:
@@ -103,6 +108,8 @@ class FakeShardClient:
         self.calls: list[tuple] = []
         self.violations: list[str] = []
         self.num_steps = 0
+        # Decodes that returned a step which had run ahead (lookahead).
+        self.num_collected = 0
         self._failures: dict[str, list[str]] = {"prefill": [], "decode": []}
         self.closed = False
 
@@ -133,7 +140,7 @@ class FakeShardClient:
             self.requests[r.id] = r
         return self._generate(batch, prefill=True)
 
-    async def decode(self, batches: list[CachedBatch]):
+    async def decode(self, batches: list[CachedBatch], lookahead: bool = False):
         self.calls.append(("decode", tuple((b.id, b.request_ids) for b in batches)))
         await self._step("decode", [b.id for b in batches])
         if not batches:
@@ -146,8 +153,15 @@ class FakeShardClient:
             done = [r.id for r in batch.requests if r.finish_reason is not None]
             if done:
                 self._violation(f"Decode of finished requests {done} (batch {batch.id})")
+        if len({b.ahead for b in cached}) > 1:
+            self._violation(f"Decode mixes ahead and other batches: {batches}")
         merged = FakeBatch(cached[0].id, [r for b in cached for r in b.requests])
-        return self._generate(merged, prefill=False)
+        result = self._generate(merged, prefill=False)
+        if lookahead and all(g.finish_reason is None for g in result.generations):
+            merged.ahead = True
+            result = dataclasses.replace(result, batch=merged.cached())
+        self.num_collected += cached[0].ahead
+        return result
 
     async def filter_batch(self, batch_id: int, request_ids: list[int]) -> CachedBatch:
         self.calls.append(("filter", batch_id, tuple(request_ids)))
@@ -158,7 +172,7 @@ class FakeShardClient:
         if not request_ids:
             self._violation(f"FilterBatch {batch_id} keeping nothing (ClearCache is the call)")
         keep = set(request_ids)
-        batch = FakeBatch(batch_id, [r for r in batch.requests if r.id in keep])
+        batch = FakeBatch(batch_id, [r for r in batch.requests if r.id in keep], batch.ahead)
         self.batches[batch_id] = batch
         return batch.cached()
 

@@ -241,6 +241,9 @@ async def test_stop_sequence_finishes_and_is_filtered_out(make_server, tokenizer
         decode((1, (2,))),
         decode((1, (2,))),
     ]
+    # Each decode after the first collected a step run ahead, request 1's in it until the
+    # filter dropped it.
+    assert server.fake.num_collected == 3
     await server.check_done()
 
 
@@ -317,10 +320,12 @@ async def test_waiting_served_ratio(make_server, tokenizer, num_arriving):
     await server.check_done()
 
 
-async def test_max_waiting_tokens_forces_a_join(make_server, tokenizer):
+@pytest.mark.parametrize("lookahead", [True, False])
+async def test_max_waiting_tokens_forces_a_join(make_server, tokenizer, lookahead):
     # As TGI: the counter starts at 1 after a prefill and counts decodes, so with
     # max_waiting_tokens 3 a too-small batch joins before the third decode.
-    server = make_server(start=False, waiting_served_ratio=1.0, max_waiting_tokens=3)
+    server = make_server(start=False, waiting_served_ratio=1.0, max_waiting_tokens=3,
+                         lookahead=lookahead)
     late: list[asyncio.Task] = []
 
     async def arrive() -> None:
@@ -334,20 +339,37 @@ async def test_max_waiting_tokens_forces_a_join(make_server, tokenizer):
     await until(lambda: len(late) == 2, "arrivals")
     await asyncio.gather(*running, *late)
 
-    assert server.fake.calls == [
-        prefill(1, 1, 2),                  # step 0
-        decode((1, (1, 2))),               # 1
-        decode((1, (1, 2))),               # 2
-        prefill(2, 3),                     # 3: waited 3 >= max_waiting_tokens
-        decode((1, (1, 2)), (2, (3,))),    # 4
-        filter_(1, 1, 2),
-        decode((1, (1, 2))),               # 5: request 4 waits (counter reset to 1)
-        prefill(3, 4),                     # 6
-        decode((1, (1, 2)), (3, (4,))),    # 7
-        filter_(1, 1, 2),
-        decode((1, (1, 2))),               # 8
-        decode((1, (1, 2))),               # 9
-    ]
+    if lookahead:
+        # Before a join, the step that already ran ahead is collected alone.
+        assert server.fake.calls == [
+            prefill(1, 1, 2),                  # step 0
+            decode((1, (1, 2))),               # 1
+            decode((1, (1, 2))),               # 2
+            prefill(2, 3),                     # 3: waited 3 >= max_waiting_tokens
+            decode((1, (1, 2))),               # 4: collects step 2's lookahead
+            decode((1, (1, 2)), (2, (3,))),    # 5: request 3 finishes, no lookahead
+            filter_(1, 1, 2),
+            decode((1, (1, 2))),               # 6: request 4 waits (counter reset to 1)
+            prefill(3, 4),                     # 7
+            decode((1, (1, 2))),               # 8: collects
+            decode((1, (1, 2)), (3, (4,))),    # 9: every request finishes
+        ]
+    else:
+        assert server.fake.calls == [
+            prefill(1, 1, 2),                  # step 0
+            decode((1, (1, 2))),               # 1
+            decode((1, (1, 2))),               # 2
+            prefill(2, 3),                     # 3: waited 3 >= max_waiting_tokens
+            decode((1, (1, 2)), (2, (3,))),    # 4
+            filter_(1, 1, 2),
+            decode((1, (1, 2))),               # 5: request 4 waits (counter reset to 1)
+            prefill(3, 4),                     # 6
+            decode((1, (1, 2)), (3, (4,))),    # 7
+            filter_(1, 1, 2),
+            decode((1, (1, 2))),               # 8
+            decode((1, (1, 2))),               # 9
+        ]
+    assert server.fake.num_collected == (3 if lookahead else 0)
     assert server.metrics.batch_concat.value(reason="wait_exceeded") == 2
     assert server.metrics.batch_concat.value(reason="backpressure") == 0
     for task in [*running, *late]:
