@@ -1,12 +1,13 @@
 // Decode attention straight from the paged KV cache: one new token per sequence.
 //
-// Built with small_batch_linear.cpp into one extension (kernels.py); called by attention.py
+// Built with small_batch_linear.cpp into one extension (cpu_kernels.py); called by attention.py
 // as torch.ops.tgi_cpu.decode_attention. The torch path gathers every sequence's blocks into
 // a padded copy per layer, then runs SDPA; here each (sequence, KV head) task reads its
 // blocks in place, once, for the `heads / kv_heads` query heads that share them.
-// Scores and softmax in float32; the output is rounded once to the query's dtype. The
-// arithmetic, not the reads, was the cost (benchmarks/NOTES.md 8, 11): scores are reduced 16
-// tokens at a time and exponentiated 16 at a time.
+// Scores and softmax in float32; the output is rounded once to the query's dtype. Scores are
+// reduced and exponentiated 16 tokens at a time (benchmarks/NOTES.md 8, 11); each cache row
+// is widened once for all the query heads of a pass, and rows are prefetched ahead, since
+// the blocks are scattered and waiting on memory was most of the cost (NOTES 22).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -48,59 +50,139 @@ inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
 }
 
-// Walks a sequence's tokens through its block table without a division per token.
+// Walks a sequence's tokens [start, end) through its block table without a division per
+// token, prefetching the same row of the next block (a block's rows are not contiguous per
+// head, and the blocks are scattered: the hardware prefetcher does not follow them).
 template <typename T>
 struct TokenCursor {
   const T* cache;
   const int64_t* table;
-  int64_t block_size, row_stride, head_offset, block, offset;
+  int64_t block_size, row_stride, head_offset, block, offset, last_block, row_bytes;
   TokenCursor(const T* cache, const int64_t* table, int64_t block_size, int64_t kv_heads,
-              int64_t head_dim, int64_t kv_head, int64_t start)
+              int64_t head_dim, int64_t kv_head, int64_t start, int64_t end)
       : cache(cache), table(table), block_size(block_size), row_stride(kv_heads * head_dim),
-        head_offset(kv_head * head_dim), block(start / block_size), offset(start % block_size) {}
-  const T* next() {
-    const T* row = cache + (table[block] * block_size + offset) * row_stride + head_offset;
+        head_offset(kv_head * head_dim), block(start / block_size), offset(start % block_size),
+        last_block((end - 1) / block_size), row_bytes(head_dim * int64_t(sizeof(T))) {}
+  const T* row(int64_t b) const {
+    return cache + (table[b] * block_size + offset) * row_stride + head_offset;
+  }
+  // Also fetches this token's row of `other` (the values, while the keys are walked) to L2.
+  const T* next(const T* other = nullptr) {
+    const T* current = row(block);
+    if (other != nullptr) {
+      const char* v = reinterpret_cast<const char*>(other + (current - cache));
+      for (int64_t byte = 0; byte < row_bytes; byte += 64) _mm_prefetch(v + byte, _MM_HINT_T1);
+    }
+    if (block < last_block) {
+      const char* ahead = reinterpret_cast<const char*>(row(block + 1));
+      for (int64_t byte = 0; byte < row_bytes; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
+    }
     if (++offset == block_size) offset = 0, ++block;
-    return row;
+    return current;
   }
 };
 
+// Scores of query heads [h0, h0 + HN) over the tokens [start, end), 16 tokens at a time:
+// each key row is loaded (and widened) once for the HN heads, each head's 16 partial dot
+// products reduced in one go. qf rows are pre-scaled float32; score rows are `stride` apart.
+template <typename T, int CH, int HN>
+void scores_pass(const float* qf, const T* k_cache, const T* v_cache, const int64_t* table,
+                 int64_t start,
+                 int64_t n, int64_t block_size, int64_t kv_heads, int64_t head_dim,
+                 int64_t kv_head, int64_t h0, int64_t stride, float* scores) {
+  constexpr int kMaxChunks = CH > 0 ? CH : 16;
+  const int64_t chunks = CH > 0 ? CH : head_dim / 16;
+  TokenCursor<T> keys(k_cache, table, block_size, kv_heads, head_dim, kv_head, start,
+                      start + n);
+  alignas(64) __m512 partial[HN][16];
+  for (int64_t base = 0; base < n; base += 16) {
+    const int64_t count = std::min<int64_t>(16, n - base);
+    for (int64_t i = 0; i < 16; ++i) {
+      if (i >= count) {
+        for (int j = 0; j < HN; ++j) partial[j][i] = _mm512_setzero_ps();
+        continue;
+      }
+      const T* row = keys.next(h0 == 0 ? v_cache : nullptr);
+      __m512 k[kMaxChunks];
+      for (int64_t c = 0; c < chunks; ++c) k[c] = load16(row + c * 16);
+      for (int j = 0; j < HN; ++j) {
+        const float* qj = qf + (h0 + j) * head_dim;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c)
+          sum = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c * 16), k[c], sum);
+        partial[j][i] = sum;
+      }
+    }
+    for (int j = 0; j < HN; ++j)
+      _mm512_storeu_ps(scores + (h0 + j) * stride + base, transpose_sum16(partial[j]));
+  }
+}
+
+// Outputs of query heads [h0, h0 + HN): the softmax numerators (`scores`) times the values,
+// each value row loaded once for the HN heads, times 1 / denominator, rounded once.
+template <typename T, int CH, int HN>
+void values_pass(const float* scores, const float* inv, const T* v_cache, const int64_t* table,
+                 int64_t start, int64_t n, int64_t block_size, int64_t kv_heads,
+                 int64_t head_dim, int64_t kv_head, int64_t h0, int64_t stride, T* out) {
+  constexpr int kMaxChunks = CH > 0 ? CH : 16;
+  const int64_t chunks = CH > 0 ? CH : head_dim / 16;
+  __m512 acc[HN][kMaxChunks];
+  for (int j = 0; j < HN; ++j)
+    for (int64_t c = 0; c < chunks; ++c) acc[j][c] = _mm512_setzero_ps();
+  TokenCursor<T> values(v_cache, table, block_size, kv_heads, head_dim, kv_head, start,
+                        start + n);
+  for (int64_t t = 0; t < n; ++t) {
+    const T* row = values.next();
+    __m512 v[kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) v[c] = load16(row + c * 16);
+    for (int j = 0; j < HN; ++j) {
+      const __m512 p = _mm512_set1_ps(scores[(h0 + j) * stride + t]);
+      for (int64_t c = 0; c < chunks; ++c) acc[j][c] = _mm512_fmadd_ps(p, v[c], acc[j][c]);
+    }
+  }
+  alignas(64) float row[16];
+  for (int j = 0; j < HN; ++j) {
+    const __m512 scale_j = _mm512_set1_ps(inv[h0 + j]);
+    for (int64_t c = 0; c < chunks; ++c) {
+      _mm512_store_ps(row, _mm512_mul_ps(acc[j][c], scale_j));
+      for (int d = 0; d < 16; ++d) out[(h0 + j) * head_dim + c * 16 + d] = T(row[d]);
+    }
+  }
+}
+
 // One (sequence, KV head): the `group` query heads sharing it. q / out rows [group, D]; the
 // cache is [blocks, block_size, kv_heads, D]. CH = D / 16 when known at compile time (the
-// accumulators then live in registers), 0 for any other multiple of 16 up to 256.
+// accumulators then live in registers), 0 for any other multiple of 16 up to 256. Heads go
+// through the two passes HG at a time, HG * CH accumulators filling half the registers.
 template <typename T, int CH>
 void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
                 int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t group,
                 int64_t head_dim, float scale, int64_t kv_head, T* out) {
-  const int64_t n = end - start, chunks = CH > 0 ? CH : head_dim / 16;
-  thread_local std::vector<float> qf, scores;
-  qf.resize(group * head_dim);
-  scores.resize(group * ((n + 15) / 16) * 16);
+  constexpr int HG = CH > 0 && CH <= 16 ? 16 / CH : 1;
+  const int64_t n = end - start;
   const int64_t stride = (n + 15) / 16 * 16;  // one score row per query head
+  thread_local std::vector<float> qf, scores, inv;
+  qf.resize(group * head_dim);
+  scores.resize(group * stride);
+  inv.resize(group);
   for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = float(q[i]) * scale;
 
-  // Scores, 16 tokens at a time: each head's 16 partial dot products reduced in one go.
-  TokenCursor<T> keys(k_cache, table, block_size, kv_heads, head_dim, kv_head, start);
-  const T* rows[16];
-  __m512 partial[16];
-  for (int64_t base = 0; base < n; base += 16) {
-    const int64_t count = std::min<int64_t>(16, n - base);
-    for (int64_t i = 0; i < count; ++i) rows[i] = keys.next();
-    for (int64_t j = 0; j < group; ++j) {
-      const float* qj = &qf[j * head_dim];
-      for (int64_t i = 0; i < 16; ++i) {
-        __m512 sum = _mm512_setzero_ps();
-        if (i < count)
-          for (int64_t c = 0; c < chunks; ++c)
-            sum = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c * 16), load16(rows[i] + c * 16), sum);
-        partial[i] = sum;
-      }
-      _mm512_storeu_ps(&scores[j * stride + base], transpose_sum16(partial));
-    }
-  }
+  // Runs pass<HN> over heads [h0, h0 + HN) for HN = HG while HG heads are left, then 2, 1.
+  auto by_heads = [&](auto pass) {
+    int64_t h0 = 0;
+    for (; h0 + HG <= group; h0 += HG) pass(std::integral_constant<int, HG>{}, h0);
+    if constexpr (HG > 2)
+      for (; h0 + 2 <= group; h0 += 2) pass(std::integral_constant<int, 2>{}, h0);
+    for (; h0 < group; ++h0) pass(std::integral_constant<int, 1>{}, h0);
+  };
+  by_heads([&](auto hn, int64_t h0) {
+    scores_pass<T, CH, decltype(hn)::value>(qf.data(), k_cache, v_cache, table, start, n,
+                                            block_size,
+                                            kv_heads, head_dim, kv_head, h0, stride,
+                                            scores.data());
+  });
 
   // Softmax numerators in place; 1 / denominator per head.
-  std::vector<float> inv(group);
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < group; ++j) {
     float* s = &scores[j * stride];
@@ -118,36 +200,11 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
     inv[j] = 1.f / _mm512_reduce_add_ps(total);
   }
 
-  // Weighted values: per head, two sets of accumulators over alternate tokens.
-  constexpr int kMaxChunks = CH > 0 ? CH : 16;
-  for (int64_t j = 0; j < group; ++j) {
-    __m512 acc[2][kMaxChunks];
-    for (int64_t c = 0; c < chunks; ++c) acc[0][c] = acc[1][c] = _mm512_setzero_ps();
-    const float* p = &scores[j * stride];
-    TokenCursor<T> values(v_cache, table, block_size, kv_heads, head_dim, kv_head, start);
-    int64_t t = 0;
-    for (; t + 1 < n; t += 2) {
-      const T* v0 = values.next();
-      const T* v1 = values.next();
-      const __m512 p0 = _mm512_set1_ps(p[t]), p1 = _mm512_set1_ps(p[t + 1]);
-      for (int64_t c = 0; c < chunks; ++c) {
-        acc[0][c] = _mm512_fmadd_ps(p0, load16(v0 + c * 16), acc[0][c]);
-        acc[1][c] = _mm512_fmadd_ps(p1, load16(v1 + c * 16), acc[1][c]);
-      }
-    }
-    if (t < n) {
-      const T* v0 = values.next();
-      const __m512 p0 = _mm512_set1_ps(p[t]);
-      for (int64_t c = 0; c < chunks; ++c)
-        acc[0][c] = _mm512_fmadd_ps(p0, load16(v0 + c * 16), acc[0][c]);
-    }
-    alignas(64) float row[16];
-    const __m512 scale_j = _mm512_set1_ps(inv[j]);
-    for (int64_t c = 0; c < chunks; ++c) {
-      _mm512_store_ps(row, _mm512_mul_ps(_mm512_add_ps(acc[0][c], acc[1][c]), scale_j));
-      for (int d = 0; d < 16; ++d) out[j * head_dim + c * 16 + d] = T(row[d]);
-    }
-  }
+  by_heads([&](auto hn, int64_t h0) {
+    values_pass<T, CH, decltype(hn)::value>(scores.data(), inv.data(), v_cache, table, start, n,
+                                            block_size, kv_heads, head_dim, kv_head, h0, stride,
+                                            out);
+  });
 }
 
 template <typename T>

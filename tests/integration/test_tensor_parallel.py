@@ -175,19 +175,30 @@ def test_shard_peak_memory_is_its_slice_of_the_weights(model_dir, launch):
     baseline = shard_peaks_mib(model_dir("llama", "tiny"), 1, launch, off)[0]
     medium = model_dir("llama", "medium")
     weights_mib = (medium / "model.safetensors").stat().st_size / 2**20
+    # Besides the weights one shard holds, at its peak: the KV cache of --max-batch-total-tokens
+    # (under 64 MiB, so allocated zeroed rather than mapped lazily), the old copy of the largest
+    # weight while oneDNN's reorder writes the new one, and the activations of the warmup
+    # prefill plus allocator slack.
+    config = json.loads((medium / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    kv_mib = (2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
+              * int(MEMORY_FLAGS[1]) / 2**20)
+    largest_mib = config["vocab_size"] * config["hidden_size"] * 4 / 2**20
+    held_once_mib = weights_mib + kv_mib + largest_mib + 128
     one = shard_peaks_mib(medium, 1, launch, off)[0] - baseline
     two = [peak - baseline for peak in shard_peaks_mib(medium, 2, launch, off)]
     four = [peak - baseline for peak in shard_peaks_mib(medium, 4, launch, off)]
     default = shard_peaks_mib(medium, 1, launch)[0] - baseline
-    print(f"\nbaseline {baseline:.0f} MiB, weights {weights_mib:.0f} MiB; above baseline: "
+    print(f"\nbaseline {baseline:.0f} MiB, weights {weights_mib:.0f} MiB, KV {kv_mib:.0f} MiB, "
+          f"largest weight {largest_mib:.0f} MiB; above baseline: "
           f"N=1 {one:.0f}, N=2 {[round(x) for x in two]}, N=4 {[round(x) for x in four]} MiB; "
           f"N=1 with the CPU kernels {default:.0f} MiB")
     assert one >= 0.9 * weights_mib  # the weights dominate what one shard holds
-    assert one <= 1.25 * weights_mib  # and they are held once, not once more as mmap pages
+    assert one <= held_once_mib  # they are held once, not once more as mmap pages
     assert all(x <= 0.6 * one for x in two)
     assert all(x <= 0.35 * one for x in four)
     copies = 2 if cpu_kernels.available(torch.float32) else 1  # the launch fixture's dtype
-    assert (copies - 0.1) * weights_mib <= default <= (copies + 0.25) * weights_mib
+    assert (copies - 0.1) * weights_mib <= default <= held_once_mib + (copies - 1) * weights_mib
 
 
 # ---- supervision ----------------------------------------------------------------------

@@ -249,7 +249,10 @@ def test_small_batch_kernel_matches_f_linear(dtype, rows):
 @pytest.mark.parametrize("window", [None, 5])
 # 32 / 64 / 128: the kernel's register-resident variants; 48: its generic one.
 @pytest.mark.parametrize("head_dim", [32, 48, 64, 128])
-def test_decode_kernel_matches_the_torch_path(dtype, window, head_dim):
+# Query heads per KV head: 8 fills the kernel's passes of 8 / 4 / 2 heads (head_dim 32 / 64 /
+# 128); 3 leaves a remainder.
+@pytest.mark.parametrize("group", [3, 8])
+def test_decode_kernel_matches_the_torch_path(dtype, window, head_dim, group):
     from tgi_server.shard.attention import _torch_paged_attention
 
     if not cpu_kernels.available(dtype):
@@ -257,7 +260,7 @@ def test_decode_kernel_matches_the_torch_path(dtype, window, head_dim):
     generator = torch.Generator().manual_seed(0)
     k_cache = torch.randn(100, BLOCK_SIZE, 2, head_dim, generator=generator).to(dtype)
     v_cache = torch.randn(100, BLOCK_SIZE, 2, head_dim, generator=generator).to(dtype)
-    q = torch.randn(4, 6, head_dim, generator=generator).to(dtype)  # 3 heads per kv head
+    q = torch.randn(4, 2 * group, head_dim, generator=generator).to(dtype)
     # Contexts: one token, within the first 16, several groups of 16 with a tail.
     tables = torch.randperm(100, generator=generator)[:96].view(4, 24).tolist()
     meta = AttentionMetadata.from_lists([1, 1, 1, 1], [1, 13, 30, 93], tables, BLOCK_SIZE)
