@@ -89,6 +89,7 @@ def test_flag_beats_env(monkeypatch):
     (["--cuda-memory-fraction", "0.3"], "memory_fraction", 0.3),
     (["-p", "81"], "port", 81),
     (["--enable-prefill-logprobs"], "enable_prefill_logprobs", True),
+    (["--disable-lookahead"], "disable_lookahead", True),
     (["--shard-command", "python fake.py --x 'a b'"], "shard_command",
      ("python", "fake.py", "--x", "a b")),
 ])
@@ -133,6 +134,7 @@ def launch_config(**overrides) -> LaunchConfig:
         master_addr="10.0.0.1", master_port=29501, max_input_tokens=1000,
         max_total_tokens=2000, max_batch_prefill_tokens=4000, max_batch_total_tokens=8000,
         max_batch_size=32, waiting_served_ratio=1.5, enable_prefill_logprobs=True,
+        disable_lookahead=True,
         api_key="k", block_size=32, memory_fraction=0.5, num_threads=3,
         graceful_termination_timeout=7.5), **overrides,
     })

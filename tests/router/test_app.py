@@ -128,6 +128,17 @@ async def test_generate(router, tokenizer):
     assert router.fake.requests[prefill[2][0]].input_ids == tokenizer.encode(PROMPT)
 
 
+@pytest.mark.parametrize("disable_lookahead", [False, True])
+async def test_decode_lookahead_follows_the_flag(tokenizer, disable_lookahead):
+    async with serve(tokenizer, disable_lookahead=disable_lookahead) as router:
+        response = await router.http.post("/generate", json={
+            "inputs": PROMPT, "parameters": {"max_new_tokens": 5}})
+        assert response.status_code == 200
+        assert response.json()["generated_text"] == expected(tokenizer, 5)[1]
+        # Decodes 2-4 collect the step the one before ran ahead, unless the flag is set.
+        assert router.fake.num_collected == (0 if disable_lookahead else 3)
+
+
 async def test_generate_details(tokenizer):
     # NOTE: as TGI, prompt logprobs are only computed with --enable-prefill-logprobs.
     async with serve(tokenizer, enable_prefill_logprobs=True) as router:
