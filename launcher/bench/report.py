@@ -111,17 +111,25 @@ def format_shard(rows: list[dict]) -> str:
 
 
 def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[str]:
-    """ITL p50 of tgi-server at concurrency c minus the shard's own decode step at batch c:
-    the per-token cost of the router, gRPC and HTTP streaming."""
+    """ITL p50 of tgi-server at concurrency c minus the shard's own decode step: the per-token
+    cost of the router, gRPC and HTTP streaming. The step is the server's mean during the same
+    load (its /metrics) when known, else the micro-benchmark's at batch c (another minute of
+    a machine whose speed drifts)."""
     steps = {(r["dtype"], r["batch"]): r["step_ms"] for r in shard_rows}
     lines = []
     for r in results:
-        step = steps.get((r.dtype, r.concurrency))
         itl = r.itl_ms.get("p50", math.nan)
-        if r.system == OURS and step is not None and not math.isnan(itl):
-            over = itl - step
-            lines.append(f"- {r.dtype} c={r.concurrency}: ITL p50 {itl:.1f} ms - shard step "
-                         f"{step:.1f} ms = {over:.1f} ms ({100 * over / itl:.1f}% of the ITL)")
+        if r.system != OURS or math.isnan(itl):
+            continue
+        if not math.isnan(r.server_step_ms):
+            step, where = r.server_step_ms, "mean shard step in the same load"
+        elif (step := steps.get((r.dtype, r.concurrency))) is not None:
+            where = "shard micro-benchmark step"
+        else:
+            continue
+        over = itl - step
+        lines.append(f"- {r.dtype} c={r.concurrency}: ITL p50 {itl:.1f} ms - {where} "
+                     f"{step:.1f} ms = {over:.1f} ms ({100 * over / itl:.1f}% of the ITL)")
     return ["router + gRPC + HTTP per decode step (end-to-end ITL p50 - shard step):", *lines] \
         if lines else []
 

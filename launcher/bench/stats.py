@@ -49,6 +49,9 @@ class LoadResult:
     # CPU time of processes outside this benchmark, as a share of all cores over the wall time
     other_cpu_share: float = math.nan
     first_error: str | None = None
+    # tgi-server: its shards' mean decode step during this load, from its /metrics
+    # (tgi_batch_forward_duration), so the router's share of the ITL is read in one window.
+    server_step_ms: float = math.nan
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -94,8 +94,25 @@ def test_dtype_ratios_and_router_overhead():
     assert report.format_dtype_ratios(results)[1] == "- c=1: 1.80x"
     shard = [{"dtype": "float32", "batch": 1, "step_ms": 48.0}]
     lines = report.router_overhead(results, shard)
-    assert lines[1] == ("- float32 c=1: ITL p50 50.0 ms - shard step 48.0 ms = 2.0 ms "
-                        "(4.0% of the ITL)")
+    assert lines[1] == ("- float32 c=1: ITL p50 50.0 ms - shard micro-benchmark step 48.0 ms "
+                        "= 2.0 ms (4.0% of the ITL)")
+    # The server's own mean step during the load, when measured, wins over the micro-benchmark.
+    results[0] = replace(results[0], server_step_ms=49.5)
+    assert report.router_overhead(results, shard)[1] == (
+        "- float32 c=1: ITL p50 50.0 ms - mean shard step in the same load 49.5 ms = 0.5 ms "
+        "(1.0% of the ITL)")
+
+
+def test_decode_steps_are_read_from_the_routers_metrics():
+    from tgi_server.router.metrics import Metrics
+
+    metrics = Metrics()
+    assert compare.parse_decode_steps(metrics.render().decode()) is None  # no step yet
+    for seconds in (0.020, 0.030):
+        metrics.batch_forward_duration.labels("decode").observe(seconds)
+    metrics.batch_forward_duration.labels("prefill").observe(1.0)
+    total, count = compare.parse_decode_steps(metrics.render().decode())
+    assert (total, count) == (pytest.approx(0.050), 2)
 
 
 def test_plot_is_written_or_its_absence_explained(tmp_path):
