@@ -15,7 +15,7 @@ import argparse
 import asyncio
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> list[LoadResult]:
         jobs = workload.jobs(source, n, rng)
         key = f"c={int(value)}" if kind == "concurrency" else f"rate={value:g}/s"
         log(f"{args.name} {key}: {n} requests")
+        before = loadgen.decode_steps(args.url)
         watch = Stopwatch()
         if kind == "concurrency":
             timings = asyncio.run(loadgen.run_concurrency(target, jobs, int(value), key))
@@ -102,6 +103,9 @@ def run(args: argparse.Namespace) -> list[LoadResult]:
             sum(j.max_new_tokens for j in jobs),
             concurrency=int(value) if kind == "concurrency" else None,
             request_rate=value if kind == "rate" else None))
+        if before is not None:
+            step_ms = loadgen.mean_step_ms(before, loadgen.decode_steps(args.url))
+            results[-1] = replace(results[-1], server_step_ms=step_ms)
         log(report.format_row(results[-1]))
     return results
 
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         results = run(args)
     else:
         raise SystemExit("tgi-bench: give --url (or --merge)")
-    table = report.format_table(results)
+    overhead = report.router_overhead(results, [])
+    table = "\n".join([report.format_table(results), *(["", *overhead] if overhead else [])])
     print(table)
     prefix.with_suffix(".md").write_text(table + "\n")
     prefix.with_suffix(".json").write_text(json.dumps(

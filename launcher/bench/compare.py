@@ -23,9 +23,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
 from tgi_server.launcher.bench import baselines, loadgen, roofline
 from tgi_server.launcher.bench.baselines import Peer, Shape
 from tgi_server.launcher.bench.output import write_outputs
@@ -97,39 +94,16 @@ def run_http(system: str, dtype: str, target: loadgen.Target, jobs: dict[int, li
     for level, level_jobs in jobs.items():
         log(f"{system} {dtype} / concurrency {level}: {len(level_jobs)} requests")
         wait_until_quiet(s.max_quiet_wait_s, log)
-        before = decode_steps(target.url) if system == OURS else None
+        before = loadgen.decode_steps(target.url) if system == OURS else None
         watch = Stopwatch()
         timings = asyncio.run(loadgen.run_concurrency(target, level_jobs, level,
                                                       f"{system} {dtype} c={level}"))
         r = _result(system, dtype, level, level_jobs, timings, watch)
-        after = decode_steps(target.url) if before is not None else None
-        if before is not None and after is not None and after[1] > before[1]:
-            r = replace(r, server_step_ms=1000 * (after[0] - before[0]) / (after[1] - before[1]))
+        if before is not None:
+            after = loadgen.decode_steps(target.url)
+            r = replace(r, server_step_ms=loadgen.mean_step_ms(before, after))
         results.append(r)
     return results
-
-
-def decode_steps(url: str) -> tuple[float, float] | None:
-    """(seconds, count) of the decode steps tgi-server's shards ran so far, from its /metrics
-    (`tgi_batch_forward_duration{method="decode"}`); None when it cannot be read."""
-    try:
-        return parse_decode_steps(httpx.get(f"{url}/metrics", timeout=10).text)
-    except httpx.HTTPError:
-        return None
-
-
-def parse_decode_steps(text: str) -> tuple[float, float] | None:
-    total = count = None
-    for family in text_string_to_metric_families(text):
-        if family.name != "tgi_batch_forward_duration":
-            continue
-        for sample in family.samples:
-            if sample.labels.get("method") == "decode":
-                if sample.name.endswith("_sum"):
-                    total = sample.value
-                elif sample.name.endswith("_count"):
-                    count = sample.value
-    return None if total is None or count is None else (total, count)
 
 
 def run_transformers(model: Path, dtype: str, jobs: dict[int, list[Job]], warm: Job,

@@ -12,12 +12,14 @@ e2e = send to the last event. Output tokens are what the server reports (TGI's
 
 import asyncio
 import json
+import math
 import random
 import sys
 import time
 from dataclasses import dataclass
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tgi_server.launcher.bench.stats import RequestTiming
 from tgi_server.launcher.bench.workloads import Job
@@ -205,3 +207,33 @@ async def run_rate(target: Target, jobs: list[Job], rate: float, name: str, seed
 async def warmup(target: Target, job: Job, transport=None) -> RequestTiming:
     async with _client(target, 1, transport) as client:
         return await send(client, target, job, [])
+
+
+def decode_steps(url: str) -> tuple[float, float] | None:
+    """(seconds, count) of the decode steps the server's shards ran so far, from its /metrics
+    (`tgi_batch_forward_duration{method="decode"}`: tgi-server and TGI); None when it has none."""
+    try:
+        return parse_decode_steps(httpx.get(f"{url}/metrics", timeout=10).text)
+    except httpx.HTTPError:
+        return None
+
+
+def parse_decode_steps(text: str) -> tuple[float, float] | None:
+    total = count = None
+    for family in text_string_to_metric_families(text):
+        if family.name != "tgi_batch_forward_duration":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("method") == "decode":
+                if sample.name.endswith("_sum"):
+                    total = sample.value
+                elif sample.name.endswith("_count"):
+                    count = sample.value
+    return None if total is None or count is None else (total, count)
+
+
+def mean_step_ms(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float:
+    """The mean decode step between two `decode_steps` readings; NaN without both or a step."""
+    if before is None or after is None or after[1] <= before[1]:
+        return math.nan
+    return 1000 * (after[0] - before[0]) / (after[1] - before[1])

@@ -119,7 +119,7 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
     lines = []
     for r in results:
         itl = r.itl_ms.get("p50", math.nan)
-        if r.system != OURS or math.isnan(itl):
+        if math.isnan(itl) or (r.system != OURS and math.isnan(r.server_step_ms)):
             continue
         if not math.isnan(r.server_step_ms):
             step, where = r.server_step_ms, "mean shard step in the same load"
@@ -128,7 +128,8 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
         else:
             continue
         over = itl - step
-        lines.append(f"- {r.dtype} c={r.concurrency}: ITL p50 {itl:.1f} ms - {where} "
+        name = r.load if r.dtype == "-" else f"{r.dtype} {r.load}"
+        lines.append(f"- {name}: ITL p50 {itl:.1f} ms - {where} "
                      f"{step:.1f} ms = {over:.1f} ms ({100 * over / itl:.1f}% of the ITL)")
     return ["router + gRPC + HTTP per decode step (end-to-end ITL p50 - shard step):", *lines] \
         if lines else []

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 from transformers import AutoTokenizer
 
-from tgi_server.launcher.bench import compare, output, report, servers, stats, workloads
+from tgi_server.launcher.bench import compare, loadgen, output, report, servers, stats, workloads
 from tgi_server.launcher.bench.roofline import Roof
 from tgi_server.launcher.bench.stats import LoadResult, RequestTiming
 
@@ -107,12 +107,16 @@ def test_decode_steps_are_read_from_the_routers_metrics():
     from tgi_server.router.metrics import Metrics
 
     metrics = Metrics()
-    assert compare.parse_decode_steps(metrics.render().decode()) is None  # no step yet
+    before = loadgen.parse_decode_steps(metrics.render().decode())
+    assert before is None  # no step yet
     for seconds in (0.020, 0.030):
         metrics.batch_forward_duration.labels("decode").observe(seconds)
     metrics.batch_forward_duration.labels("prefill").observe(1.0)
-    total, count = compare.parse_decode_steps(metrics.render().decode())
-    assert (total, count) == (pytest.approx(0.050), 2)
+    after = loadgen.parse_decode_steps(metrics.render().decode())
+    assert after == (pytest.approx(0.050), 2)
+    assert loadgen.mean_step_ms((0.010, 1), after) == pytest.approx(40.0)
+    assert math.isnan(loadgen.mean_step_ms(after, after))  # no step in between
+    assert math.isnan(loadgen.mean_step_ms(before, after))  # a server without the metric
 
 
 def test_plot_is_written_or_its_absence_explained(tmp_path):
