@@ -213,8 +213,9 @@ def decode_steps(url: str) -> tuple[float, float] | None:
     """(seconds, count) of the decode steps the server's shards ran so far, from its /metrics
     (`tgi_batch_forward_duration{method="decode"}`: tgi-server and TGI); None when it has none."""
     try:
-        return parse_decode_steps(httpx.get(f"{url}/metrics", timeout=10).text)
-    except httpx.HTTPError:
+        response = httpx.get(f"{url}/metrics", timeout=10)
+        return parse_decode_steps(response.text) if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):  # no server there, or /metrics is not Prometheus text
         return None
 
 

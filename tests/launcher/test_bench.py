@@ -2,6 +2,7 @@
 settings, server flags, prompts. No timing assertions: every number here is made up."""
 
 import math
+import socket
 from dataclasses import replace
 
 import pytest
@@ -117,6 +118,15 @@ def test_decode_steps_are_read_from_the_routers_metrics():
     assert loadgen.mean_step_ms((0.010, 1), after) == pytest.approx(40.0)
     assert math.isnan(loadgen.mean_step_ms(after, after))  # no step in between
     assert math.isnan(loadgen.mean_step_ms(before, after))  # a server without the metric
+
+
+def test_decode_steps_of_a_server_without_prometheus_metrics_is_none():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    assert loadgen.decode_steps(f"http://127.0.0.1:{port}") is None
+    with pytest.raises(ValueError):  # what decode_steps turns into None for odd /metrics
+        loadgen.parse_decode_steps("<html>not found</html>\n")
 
 
 def test_plot_is_written_or_its_absence_explained(tmp_path):
