@@ -85,11 +85,11 @@ struct TokenCursor {
 // Scores of query heads [h0, h0 + HN) over the tokens [start, end), 16 tokens at a time:
 // each key row is loaded (and widened) once for the HN heads, each head's 16 partial dot
 // products reduced in one go. qf rows are pre-scaled float32; score rows are `stride` apart.
+// The first pass (h0 == 0) also fetches each token's value row to L2 for values_pass.
 template <typename T, int CH, int HN>
 void scores_pass(const float* qf, const T* k_cache, const T* v_cache, const int64_t* table,
-                 int64_t start,
-                 int64_t n, int64_t block_size, int64_t kv_heads, int64_t head_dim,
-                 int64_t kv_head, int64_t h0, int64_t stride, float* scores) {
+                 int64_t start, int64_t n, int64_t block_size, int64_t kv_heads,
+                 int64_t head_dim, int64_t kv_head, int64_t h0, int64_t stride, float* scores) {
   constexpr int kMaxChunks = CH > 0 ? CH : 16;
   const int64_t chunks = CH > 0 ? CH : head_dim / 16;
   TokenCursor<T> keys(k_cache, table, block_size, kv_heads, head_dim, kv_head, start,
@@ -177,8 +177,7 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
   };
   by_heads([&](auto hn, int64_t h0) {
     scores_pass<T, CH, decltype(hn)::value>(qf.data(), k_cache, v_cache, table, start, n,
-                                            block_size,
-                                            kv_heads, head_dim, kv_head, h0, stride,
+                                            block_size, kv_heads, head_dim, kv_head, h0, stride,
                                             scores.data());
   });
 

@@ -6,9 +6,9 @@ pops and concatenates the given handles (the first id survives), FilterBatch kee
 requests, ClearCache drops one batch or all. A Decode with `lookahead` in which no request
 finished leaves its batch `ahead`: the fake generates that step's tokens when the next Decode
 collects them (the same tokens the real shard computes early), and a Decode mixing ahead and
-other batches is rejected as the real shard rejects it. A request finishes on eos (EOS_TOKEN, unless
-`ignore_eos_token`) or `max_new_tokens` (LENGTH), stays in its batch until filtered, and the
-response carries no batch once every request of it finished.
+other batches is rejected as the real shard rejects it. A request finishes on eos (EOS_TOKEN,
+unless `ignore_eos_token`) or `max_new_tokens` (LENGTH), stays in its batch until filtered,
+and the response carries no batch once every request of it finished.
 
 The next token is `(last_token * 31 + 7) % vocab_size` (`next_token`), so tests can predict
 every generation. Every call is recorded in `calls`; anything the real shard would reject or
@@ -17,10 +17,9 @@ blocks...) is appended to `violations` and raised as a `ShardError`.
 """
 
 import asyncio
-import dataclasses
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tgi_server.router.client import (
     BatchRequest,
@@ -159,7 +158,7 @@ class FakeShardClient:
         result = self._generate(merged, prefill=False)
         if lookahead and all(g.finish_reason is None for g in result.generations):
             merged.ahead = True
-            result = dataclasses.replace(result, batch=merged.cached())
+            result = replace(result, batch=merged.cached())
         self.num_collected += cached[0].ahead
         return result
 
