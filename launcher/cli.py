@@ -49,10 +49,8 @@ def tgi_launch(
     )] = False,
     disable_custom_kernels: Annotated[bool, _opt(
         "--disable-custom-kernels", env="DISABLE_CUSTOM_KERNELS",
-        help="Do not build or use the shard's C++ CPU kernels (small-batch linear, paged "
-        "decode attention, fused norm/activation/rotary): oneDNN, SDPA and torch ops instead. "
-        "Also frees the unpacked copy of each linear weight the small-batch kernel reads, "
-        "which doubles the weights' memory.",
+        help="Do not build or use the shard's C++ CPU kernels (packed linear, paged decode "
+        "attention, fused norm/activation/rotary): oneDNN, SDPA and torch ops instead.",
     )] = False,
     hostname: Annotated[str, _opt(
         "--hostname", env="HOSTNAME", help="Address the HTTP server listens on.",

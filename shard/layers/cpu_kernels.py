@@ -1,26 +1,26 @@
-"""The shard's CPU kernels (small_batch_linear.cpp, decode_attention.cpp, fused_ops.cpp): built
+"""The shard's CPU kernels (packed_linear.cpp, decode_attention.cpp, fused_ops.cpp): built
 once per machine, then loaded.
 
-Upstream: `linear.py` routes a linear layer with at most `MAX_ROWS` token rows to
-`small_batch_linear` when `available(dtype)` (larger batches go to oneDNN); `attention.py`
-runs decode steps through `decode_attention`; `norm.py`, `activation.py` and `rotary.py` run
-their elementwise work through `fused_ops.cpp` when `fused(x)`. The first shard on a machine compiles them with
-torch.utils.cpp_extension (gcc and ninja, ~15 s on 2 cores; later starts load the cached
+Upstream: `linear.py` packs every linear weight with `pack_linear_weight` when
+`available(dtype)` and runs the layer through `packed_linear` at every batch size (else
+oneDNN); `attention.py` runs decode steps through `decode_attention`; `norm.py`,
+`activation.py` and `rotary.py` run their elementwise work through `fused_ops.cpp` when
+`fused(x)`. The first shard on a machine compiles them with torch.utils.cpp_extension (gcc and ninja, ~15 s on 2 cores; later starts load the cached
 build). Without a compiler or AVX-512 the shard logs one warning and uses the torch paths.
 """
 
 import functools
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(f)
-           for f in ("small_batch_linear.cpp", "decode_attention.cpp", "fused_ops.cpp")]
-# NOTE: measured crossover with oneDNN's packed kernels (benchmarks/NOTES.md).
-MAX_ROWS = 2
+           for f in ("packed_linear.cpp", "decode_attention.cpp", "fused_ops.cpp")]
 
 
 _disabled = False
@@ -88,10 +88,51 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
     torch.ops.tgi_cpu.rotary_(q, k, cos_sin, positions)
 
 
-def small_batch_linear(x: torch.Tensor, weight: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
-    """x [m <= 8, k] @ weight [n, k].T (+ bias) -> [m, n], in x's dtype."""
-    return torch.ops.tgi_cpu.small_batch_linear(x, weight, bias)
+class PackedWeight(NamedTuple):
+    """A linear weight [n, k] in packed_linear.cpp's layout (see there): blocks of 16 output
+    features, float32 [n / 16][k][16], bfloat16 [n / 16][k / 2][16][2]; padded with zeros."""
+
+    data: torch.Tensor
+    out_features: int
+
+
+def pack_linear_weight(weight: torch.Tensor, in_place: bool = False) -> PackedWeight:
+    """`weight` [n, k] in packed_linear.cpp's layout; `in_place`: in weight's own storage,
+    which then holds only the packed copy (no second copy at packing's peak)."""
+    n, k = weight.shape
+    per_step = 2 if weight.dtype == torch.bfloat16 else 1
+    steps = (k + per_step - 1) // per_step
+    if n % 16 or k % per_step:  # padded: a new tensor
+        padded = F.pad(weight.detach(), (0, -k % per_step, 0, -n % 16))
+        blocks = padded.view(-1, 16, steps, per_step).transpose(1, 2).contiguous()
+    elif not in_place:
+        blocks = weight.detach().view(-1, 16, steps, per_step).transpose(1, 2).contiguous()
+    else:
+        # NOTE: each block of 16 rows is packed within its own bytes, so a few blocks at a
+        # time go through one buffer of at most 1 MiB (a new tensor per chunk left the heap
+        # fragmented behind it: measured +16 MiB per 4096-wide layer).
+        blocks = weight.detach().view(-1, 16, steps, per_step)
+        flat = blocks.view(blocks.shape[0], -1)
+        step = max(1, (1 << 20) // flat[0].nbytes)
+        buffer = flat.new_empty(step, flat.shape[1])
+        for start in range(0, blocks.shape[0], step):
+            rows = min(step, blocks.shape[0] - start)
+            buffer[:rows].view(rows, steps, 16, per_step).copy_(
+                blocks[start:start + rows].transpose(1, 2))
+            flat[start:start + rows].copy_(buffer[:rows])
+        blocks = flat.view(-1, steps, 16, per_step)
+    return PackedWeight(blocks if per_step == 2 else blocks.squeeze(-1), n)
+
+
+def packed_linear(x: torch.Tensor, weight: PackedWeight,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., k] @ weight.T (+ bias) -> [..., n], in x's dtype."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, k)
+    if weight.data.dim() == 4 and k % 2:
+        x = F.pad(x, (0, 1))  # the packed weight's k is padded to pairs
+    y = torch.ops.tgi_cpu.packed_linear(x, weight.data, bias, weight.out_features)
+    return y.view(*lead, weight.out_features)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

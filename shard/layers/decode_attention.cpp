@@ -1,6 +1,6 @@
 // Decode attention straight from the paged KV cache: one new token per sequence.
 //
-// Built with small_batch_linear.cpp into one extension (cpu_kernels.py); called by attention.py
+// Built with packed_linear.cpp into one extension (cpu_kernels.py); called by attention.py
 // as torch.ops.tgi_cpu.decode_attention. The torch path gathers every sequence's blocks into
 // a padded copy per layer, then runs SDPA; here each (sequence, KV head) task reads its
 // blocks in place, once, for the `heads / kv_heads` query heads that share them.

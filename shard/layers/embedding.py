@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import ParallelState, all_gather, all_reduce
+from . import cpu_kernels
 from .linear import copy_checked, linear, load_narrow, loaded_shape, pack_module_weight
 
 
@@ -53,11 +54,11 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden @ weight.T, gathered over ranks; may share its weight with the embedding."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: torch.Tensor | cpu_kernels.PackedWeight | None = None
     shares_embedding: bool = False  # set by a model with tied embeddings
 
     def pack_weight(self) -> bool:
-        """oneDNN-packs the head; a tied embedding keeps reading the dense weight."""
+        """Packs the head (linear.py); a tied embedding keeps reading the dense weight."""
         return pack_module_weight(self, dense_read_elsewhere=self.shares_embedding)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

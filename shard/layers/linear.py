@@ -9,9 +9,9 @@ Column-parallel layers split the output features (no communication); row-paralle
 split the input features and all-reduce their partial sums.
 
 On CPU, `pack_linear_weights(model)` (called by the shard once the weights are loaded) reorders
-every weight once into oneDNN's blocked layout; `F.linear` would repack it on every call. Where
-the small-batch kernel (`cpu_kernels.py`) builds, the dense weight stays too and serves
-steps of at most `MAX_ROWS` tokens (decode at low concurrency), oneDNN the larger ones.
+every weight once, and the packed copy replaces the dense one: into the layout of the
+shard's own kernel (`cpu_kernels.packed_linear`, every batch size) where it builds, else into
+oneDNN's blocked layout (`F.linear` would repack the weight on every call).
 """
 
 import logging
@@ -75,25 +75,30 @@ def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
 
 def pack_module_weight(module: nn.Module, dense_read_elsewhere: bool = False) -> bool:
     """Sets `module.packed_weight` from `module.weight` (once) and frees the dense weight
-    unless the small-batch kernel or another reader (`dense_read_elsewhere`) needs it."""
-    if module.packed_weight is not None or not onednn_packable(module.weight):
+    unless another reader (`dense_read_elsewhere`: a tied embedding) needs it."""
+    weight = module.weight
+    if module.packed_weight is not None or weight.device.type != "cpu":
         return False
-    module.packed_weight = onednn_pack(module.weight)
-    if not (dense_read_elsewhere or cpu_kernels.available(module.weight.dtype)):
-        module.weight.data = module.weight.data.new_empty(0)  # the dense copy is no longer read
+    if cpu_kernels.available(weight.dtype):
+        module.packed_weight = cpu_kernels.pack_linear_weight(weight,
+                                                              in_place=not dense_read_elsewhere)
+    elif onednn_packable(weight):
+        module.packed_weight = onednn_pack(weight)
+    else:
+        return False
+    if not dense_read_elsewhere:
+        weight.data = weight.data.new_empty(0)  # the dense weight is no longer read
     return True
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           packed: torch.Tensor | cpu_kernels.PackedWeight | None,
            bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] -> [..., out], through the packed weight when there is one."""
     if packed is None:
         return F.linear(x, weight, bias)
-    # NOTE: the dense weight may be kept for another reader (a tied embedding) even where the
-    # kernel did not build, so its presence alone does not say the kernel is there.
-    if (x.shape[0] <= cpu_kernels.MAX_ROWS and weight.numel()
-            and cpu_kernels.available(weight.dtype)):
-        return cpu_kernels.small_batch_linear(x, weight, bias)
+    if isinstance(packed, cpu_kernels.PackedWeight):
+        return cpu_kernels.packed_linear(x, packed, bias)
     # NOTE: the op torch.compile's CPU freezing emits; measured 1.2-3x F.linear's speed at
     # batch 1-64 on AVX-512 (benchmarks/NOTES.md), whose kernels repack the weight every call.
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -101,22 +106,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
 
 def pack_linear_weights(model: nn.Module) -> int:
     """Packs the weight of every layer that has a `pack_weight()` (linear layers, LM head);
-    returns how many were packed (0 where oneDNN cannot: other devices, dtypes or builds)."""
+    returns how many were packed (0 where neither kernel can: other devices, dtypes or builds)."""
     layers = [m for m in model.modules() if hasattr(m, "pack_weight")]
     packed = sum(m.pack_weight() for m in layers)
-    dense = sum(m.weight.nbytes for m in layers
-                if m.packed_weight is not None and not getattr(m, "shares_embedding", False))
-    logger.info("oneDNN-packed %d weight matrices%s", packed,
-                f"; their unpacked copies ({dense / 2**20:.0f} MiB) stay for the small-batch "
-                "kernel (--disable-custom-kernels frees them)" if dense else "")
+    kinds = {type(m.packed_weight) for m in layers if m.packed_weight is not None}
+    logger.info("packed %d weight matrices for %s", packed,
+                "the shard's linear kernel" if cpu_kernels.PackedWeight in kinds else "oneDNN")
     return packed
 
 
 class LinearBase(nn.Module):
     """y = x @ weight.T + bias with `weight` [output_size_per_rank, input_size_per_rank].
 
-    After `pack_weight()` the weight is also in `packed_weight`; `weight` becomes empty unless
-    the small-batch kernel reads it.
+    After `pack_weight()` the weight is in `packed_weight` and `weight` is empty.
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp: ParallelState) -> None:
@@ -129,7 +131,7 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
-        self.packed_weight: torch.Tensor | None = None
+        self.packed_weight: torch.Tensor | cpu_kernels.PackedWeight | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         raise NotImplementedError

@@ -216,11 +216,12 @@ def test_packing_keeps_dense_weights_only_where_they_are_read(model_dir, dtype):
         with torch.inference_mode(), forward_context(meta):
             want = model.compute_logits(model(tokens, torch.arange(3)))
         if pack_linear_weights(model) == 0:
-            pytest.skip(f"oneDNN cannot pack {dtype} weights here")
-        # the dense weight stays only for the small-batch kernel or a tied embedding
-        dense = cpu_kernels.available(dtype)
-        assert (model.model.layers[0].mlp.gate_up_proj.weight.numel() > 0) == dense
-        assert (model.lm_head.weight.numel() > 0) == (tied or dense)
+            pytest.skip(f"neither kernel can pack {dtype} weights here")
+        # the packed copy replaces the dense weight, which stays only for a tied embedding
+        assert model.model.layers[0].mlp.gate_up_proj.weight.numel() == 0
+        assert (model.lm_head.weight.numel() > 0) == tied
+        kind = cpu_kernels.PackedWeight if cpu_kernels.available(dtype) else torch.Tensor
+        assert isinstance(model.model.layers[0].mlp.gate_up_proj.packed_weight, kind)
         with torch.inference_mode(), forward_context(meta):
             got = model.compute_logits(model(tokens, torch.arange(3)))
         tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -228,21 +229,44 @@ def test_packing_keeps_dense_weights_only_where_they_are_read(model_dir, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
-def test_small_batch_kernel_matches_f_linear(dtype, rows):
+# 1-4 rows: tiles of 4 blocks; 5+: tiles of 2 in chunks of 8 rows (13: a partial chunk);
+# 300: past the 256-row blocks.
+@pytest.mark.parametrize("rows", [1, 3, 5, 13, 300])
+# n: a partial last block (70) and fewer features than one tile (10); 1040: whole blocks,
+# packed in place past one chunk of 64 blocks; k = 201: odd, padded to bfloat16 pairs.
+@pytest.mark.parametrize("n, k", [(70, 200), (10, 201), (1040, 64)])
+def test_packed_linear_matches_f_linear(dtype, rows, n, k):
     if not cpu_kernels.available(dtype):
-        pytest.skip(f"the small-batch kernel does not run {dtype} here")
+        pytest.skip(f"the packed linear kernel does not run {dtype} here")
     generator = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 200, generator=generator).to(dtype)  # 200: a tail past 32 lanes
-    weight = torch.randn(70, 200, generator=generator).to(dtype)
-    bias = torch.randn(70, generator=generator).to(dtype)
+    x = torch.randn(rows, k, generator=generator).to(dtype)
+    weight = torch.randn(n, k, generator=generator).to(dtype)
+    bias = torch.randn(n, generator=generator).to(dtype)
     want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
-    got = cpu_kernels.small_batch_linear(x, weight, bias)
-    assert got.dtype == dtype and got.shape == (rows, 70)
+    packed = cpu_kernels.pack_linear_weight(weight)
+    got = cpu_kernels.packed_linear(x, packed, bias)
+    assert got.dtype == dtype and got.shape == (rows, n)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: one rounding of the output
     torch.testing.assert_close(got.float(), want, atol=tol * 10, rtol=tol)
-    no_bias = cpu_kernels.small_batch_linear(x, weight, None).float()
-    torch.testing.assert_close(no_bias, want - bias.float(), atol=tol * 10, rtol=tol)
+    no_bias = cpu_kernels.packed_linear(x.view(1, rows, k), packed, None)  # leading dims kept
+    assert no_bias.shape == (1, rows, n)
+    torch.testing.assert_close(no_bias[0].float(), want - bias.float(), atol=tol * 10, rtol=tol)
+    # in place: the same layout in the weight's own storage (padded shapes are copied)
+    dense = weight.clone()
+    in_place = cpu_kernels.pack_linear_weight(dense, in_place=True)
+    assert torch.equal(in_place.data, packed.data)
+    padded = n % 16 or (dtype == torch.bfloat16 and k % 2)
+    assert (in_place.data.data_ptr() == dense.data_ptr()) == (not padded)
+
+
+def test_packed_linear_rejects_a_weight_of_another_shape():
+    if not cpu_kernels.available(torch.float32):
+        pytest.skip("the packed linear kernel does not build here")
+    packed = cpu_kernels.pack_linear_weight(torch.randn(40, 32))
+    with pytest.raises(RuntimeError, match="x has 16 features, w 32"):
+        cpu_kernels.packed_linear(torch.randn(2, 16), packed, None)
+    with pytest.raises(RuntimeError, match="not packed for 50 output features"):
+        torch.ops.tgi_cpu.packed_linear(torch.randn(2, 32), packed.data, None, 50)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -327,7 +351,7 @@ def test_disabled_custom_kernels_hold_each_weight_once(model_dir, monkeypatch):
     with torch.inference_mode(), forward_context(meta):
         want = model.compute_logits(model(tokens, torch.arange(3)))
     monkeypatch.setattr(cpu_kernels, "_disabled", True)
-    for op in ("small_batch_linear", "decode_attention", "rms_norm", "add_rms_norm_",
+    for op in ("packed_linear", "decode_attention", "rms_norm", "add_rms_norm_",
                "silu_and_mul", "rotary_"):
         monkeypatch.setattr(cpu_kernels, op, None)  # any call fails
     if pack_linear_weights(model) == 0:
