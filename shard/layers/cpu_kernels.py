@@ -105,8 +105,8 @@ def pack_linear_weight(weight: torch.Tensor, in_place: bool = False) -> PackedWe
     if n % 16 or k % per_step:  # padded: a new tensor
         padded = F.pad(weight.detach(), (0, -k % per_step, 0, -n % 16))
         blocks = padded.view(-1, 16, steps, per_step).transpose(1, 2).contiguous()
-    elif not in_place:
-        blocks = weight.detach().view(-1, 16, steps, per_step).transpose(1, 2).contiguous()
+    elif not (in_place and weight.is_contiguous()):
+        blocks = weight.detach().reshape(-1, 16, steps, per_step).transpose(1, 2).contiguous()
     else:
         # NOTE: each block of 16 rows is packed within its own bytes, so a few blocks at a
         # time go through one buffer of at most 1 MiB (a new tensor per chunk left the heap
@@ -116,10 +116,10 @@ def pack_linear_weight(weight: torch.Tensor, in_place: bool = False) -> PackedWe
         step = max(1, (1 << 20) // flat[0].nbytes)
         buffer = flat.new_empty(step, flat.shape[1])
         for start in range(0, blocks.shape[0], step):
-            rows = min(step, blocks.shape[0] - start)
-            buffer[:rows].view(rows, steps, 16, per_step).copy_(
-                blocks[start:start + rows].transpose(1, 2))
-            flat[start:start + rows].copy_(buffer[:rows])
+            count = min(step, blocks.shape[0] - start)
+            buffer[:count].view(count, steps, 16, per_step).copy_(
+                blocks[start:start + count].transpose(1, 2))
+            flat[start:start + count].copy_(buffer[:count])
         blocks = flat.view(-1, steps, 16, per_step)
     return PackedWeight(blocks if per_step == 2 else blocks.squeeze(-1), n)
 
