@@ -133,7 +133,9 @@ void run(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t steps, 
     }
   };
   if (tiles == 0) return walk(0, 0, true);
-  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) { walk(t0, t1, t1 == tiles); });
+  // NOTE: grain 1: each thread gets an equal share of the tiles however many threads there are
+  // (a qkv weight is 24 tiles at 1-4 rows; a grain of 4 would leave threads past 6 idle).
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { walk(t0, t1, t1 == tiles); });
 }
 
 template <typename T>

@@ -261,6 +261,26 @@ def test_packed_linear_matches_f_linear(dtype, rows, n, k):
     assert (in_place.data.data_ptr() == dense.data_ptr()) == (not padded)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_packed_linear_gives_the_same_bits_on_any_number_of_threads(threads):
+    """Each output is one thread's sum, in one order: how the tiles are split over the
+    threads (and which thread takes the blocks past the last whole tile) changes nothing."""
+    if not cpu_kernels.available(torch.bfloat16):
+        pytest.skip("the packed linear kernel does not run bfloat16 here")
+    generator = torch.Generator().manual_seed(threads)
+    weight = torch.randn(1040, 64, generator=generator).to(torch.bfloat16)  # 65 blocks
+    packed = cpu_kernels.pack_linear_weight(weight)
+    x = torch.randn(6, 64, generator=generator).to(torch.bfloat16)
+    want = cpu_kernels.packed_linear(x, packed, None)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels.packed_linear(x, packed, None)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(got, want)
+
+
 def test_packed_linear_rejects_a_weight_of_another_shape():
     if not cpu_kernels.available(torch.float32):
         pytest.skip("the packed linear kernel does not build here")
