@@ -50,19 +50,34 @@ inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
 }
 
-// Walks a sequence's tokens [start, end) through its block table without a division per
-// token, prefetching the same row of the next block (a block's rows are not contiguous per
-// head, and the blocks are scattered: the hardware prefetcher does not follow them).
+// One (sequence, KV head) task: its tokens [start, start + n) in the paged cache
+// [blocks, block_size, kv_heads, head_dim] through `table`, and its query heads' score rows,
+// `stride` apart.
+struct Span {
+  const int64_t* table;
+  int64_t start, n, block_size, kv_heads, head_dim, kv_head, stride;
+};
+
+// Accumulator vectors per row: CH = head_dim / 16 when known at compile time, else up to 16.
+template <int CH>
+constexpr int kMaxChunks = CH > 0 ? CH : 16;
+template <int CH>
+inline int64_t chunks_of(const Span& s) { return CH > 0 ? CH : s.head_dim / 16; }
+
+// Walks a span's tokens through its block table without a division per token, prefetching
+// the same row of the next block (a block's rows are not contiguous per head, and the blocks
+// are scattered: the hardware prefetcher does not follow them).
 template <typename T>
 struct TokenCursor {
   const T* cache;
   const int64_t* table;
   int64_t block_size, row_stride, head_offset, block, offset, last_block, row_bytes;
-  TokenCursor(const T* cache, const int64_t* table, int64_t block_size, int64_t kv_heads,
-              int64_t head_dim, int64_t kv_head, int64_t start, int64_t end)
-      : cache(cache), table(table), block_size(block_size), row_stride(kv_heads * head_dim),
-        head_offset(kv_head * head_dim), block(start / block_size), offset(start % block_size),
-        last_block((end - 1) / block_size), row_bytes(head_dim * int64_t(sizeof(T))) {}
+  TokenCursor(const T* cache, const Span& s)
+      : cache(cache), table(s.table), block_size(s.block_size),
+        row_stride(s.kv_heads * s.head_dim), head_offset(s.kv_head * s.head_dim),
+        block(s.start / s.block_size), offset(s.start % s.block_size),
+        last_block((s.start + s.n - 1) / s.block_size),
+        row_bytes(s.head_dim * int64_t(sizeof(T))) {}
   const T* row(int64_t b) const {
     return cache + (table[b] * block_size + offset) * row_stride + head_offset;
   }
@@ -82,28 +97,25 @@ struct TokenCursor {
   }
 };
 
-// Scores of query heads [h0, h0 + HN) over the tokens [start, end), 16 tokens at a time:
-// each key row is loaded (and widened) once for the HN heads, each head's 16 partial dot
-// products reduced in one go. qf rows are pre-scaled float32; score rows are `stride` apart.
-// The first pass (h0 == 0) also fetches each token's value row to L2 for values_pass.
+// Scores of query heads [h0, h0 + HN) over the span's tokens, 16 tokens at a time: each key
+// row is loaded (and widened) once for the HN heads, each head's 16 partial dot products
+// reduced in one go. qf rows are pre-scaled float32. The first pass (h0 == 0) also fetches
+// each token's value row to L2 for values_pass.
 template <typename T, int CH, int HN>
-void scores_pass(const float* qf, const T* k_cache, const T* v_cache, const int64_t* table,
-                 int64_t start, int64_t n, int64_t block_size, int64_t kv_heads,
-                 int64_t head_dim, int64_t kv_head, int64_t h0, int64_t stride, float* scores) {
-  constexpr int kMaxChunks = CH > 0 ? CH : 16;
-  const int64_t chunks = CH > 0 ? CH : head_dim / 16;
-  TokenCursor<T> keys(k_cache, table, block_size, kv_heads, head_dim, kv_head, start,
-                      start + n);
+void scores_pass(const float* qf, const T* k_cache, const T* v_cache, const Span& s, int64_t h0,
+                 float* scores) {
+  const int64_t chunks = chunks_of<CH>(s), head_dim = s.head_dim;
+  TokenCursor<T> keys(k_cache, s);
   alignas(64) __m512 partial[HN][16];
-  for (int64_t base = 0; base < n; base += 16) {
-    const int64_t count = std::min<int64_t>(16, n - base);
+  for (int64_t base = 0; base < s.n; base += 16) {
+    const int64_t count = std::min<int64_t>(16, s.n - base);
     for (int64_t i = 0; i < 16; ++i) {
       if (i >= count) {
         for (int j = 0; j < HN; ++j) partial[j][i] = _mm512_setzero_ps();
         continue;
       }
       const T* row = keys.next(h0 == 0 ? v_cache : nullptr);
-      __m512 k[kMaxChunks];
+      __m512 k[kMaxChunks<CH>];
       for (int64_t c = 0; c < chunks; ++c) k[c] = load16(row + c * 16);
       for (int j = 0; j < HN; ++j) {
         const float* qj = qf + (h0 + j) * head_dim;
@@ -114,29 +126,26 @@ void scores_pass(const float* qf, const T* k_cache, const T* v_cache, const int6
       }
     }
     for (int j = 0; j < HN; ++j)
-      _mm512_storeu_ps(scores + (h0 + j) * stride + base, transpose_sum16(partial[j]));
+      _mm512_storeu_ps(scores + (h0 + j) * s.stride + base, transpose_sum16(partial[j]));
   }
 }
 
 // Outputs of query heads [h0, h0 + HN): the softmax numerators (`scores`) times the values,
 // each value row loaded once for the HN heads, times 1 / denominator, rounded once.
 template <typename T, int CH, int HN>
-void values_pass(const float* scores, const float* inv, const T* v_cache, const int64_t* table,
-                 int64_t start, int64_t n, int64_t block_size, int64_t kv_heads,
-                 int64_t head_dim, int64_t kv_head, int64_t h0, int64_t stride, T* out) {
-  constexpr int kMaxChunks = CH > 0 ? CH : 16;
-  const int64_t chunks = CH > 0 ? CH : head_dim / 16;
-  __m512 acc[HN][kMaxChunks];
+void values_pass(const float* scores, const float* inv, const T* v_cache, const Span& s,
+                 int64_t h0, T* out) {
+  const int64_t chunks = chunks_of<CH>(s), head_dim = s.head_dim;
+  __m512 acc[HN][kMaxChunks<CH>];
   for (int j = 0; j < HN; ++j)
     for (int64_t c = 0; c < chunks; ++c) acc[j][c] = _mm512_setzero_ps();
-  TokenCursor<T> values(v_cache, table, block_size, kv_heads, head_dim, kv_head, start,
-                        start + n);
-  for (int64_t t = 0; t < n; ++t) {
+  TokenCursor<T> values(v_cache, s);
+  for (int64_t t = 0; t < s.n; ++t) {
     const T* row = values.next();
-    __m512 v[kMaxChunks];
+    __m512 v[kMaxChunks<CH>];
     for (int64_t c = 0; c < chunks; ++c) v[c] = load16(row + c * 16);
     for (int j = 0; j < HN; ++j) {
-      const __m512 p = _mm512_set1_ps(scores[(h0 + j) * stride + t]);
+      const __m512 p = _mm512_set1_ps(scores[(h0 + j) * s.stride + t]);
       for (int64_t c = 0; c < chunks; ++c) acc[j][c] = _mm512_fmadd_ps(p, v[c], acc[j][c]);
     }
   }
@@ -161,6 +170,7 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
   constexpr int HG = CH > 0 && CH <= 16 ? 16 / CH : 1;
   const int64_t n = end - start;
   const int64_t stride = (n + 15) / 16 * 16;  // one score row per query head
+  const Span span{table, start, n, block_size, kv_heads, head_dim, kv_head, stride};
   thread_local std::vector<float> qf, scores, inv;
   qf.resize(group * head_dim);
   scores.resize(group * stride);
@@ -176,8 +186,7 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
     for (; h0 < group; ++h0) pass(std::integral_constant<int, 1>{}, h0);
   };
   by_heads([&](auto hn, int64_t h0) {
-    scores_pass<T, CH, decltype(hn)::value>(qf.data(), k_cache, v_cache, table, start, n,
-                                            block_size, kv_heads, head_dim, kv_head, h0, stride,
+    scores_pass<T, CH, decltype(hn)::value>(qf.data(), k_cache, v_cache, span, h0,
                                             scores.data());
   });
 
@@ -200,9 +209,7 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
   }
 
   by_heads([&](auto hn, int64_t h0) {
-    values_pass<T, CH, decltype(hn)::value>(scores.data(), inv.data(), v_cache, table, start, n,
-                                            block_size, kv_heads, head_dim, kv_head, h0, stride,
-                                            out);
+    values_pass<T, CH, decltype(hn)::value>(scores.data(), inv.data(), v_cache, span, h0, out);
   });
 }
 
