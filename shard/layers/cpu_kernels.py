@@ -103,11 +103,10 @@ def pack_linear_weight(weight: torch.Tensor, in_place: bool = False) -> PackedWe
     n, k = weight.shape
     per_step = 2 if weight.dtype == torch.bfloat16 else 1
     steps = (k + per_step - 1) // per_step
-    if n % 16 or k % per_step:  # padded: a new tensor
-        padded = F.pad(weight.detach(), (0, -k % per_step, 0, -n % 16))
-        blocks = padded.view(-1, 16, steps, per_step).transpose(1, 2).contiguous()
-    elif not (in_place and weight.is_contiguous()):
-        blocks = weight.detach().reshape(-1, 16, steps, per_step).transpose(1, 2).contiguous()
+    padding = (0, -k % per_step, 0, -n % 16)
+    if any(padding) or not (in_place and weight.is_contiguous()):  # a new tensor
+        source = F.pad(weight.detach(), padding) if any(padding) else weight.detach()
+        blocks = source.reshape(-1, 16, steps, per_step).transpose(1, 2).contiguous()
     else:
         # NOTE: each block of 16 rows is packed within its own bytes, so a few blocks at a
         # time go through one buffer of at most 1 MiB (a new tensor per chunk left the heap
