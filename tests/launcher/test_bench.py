@@ -6,9 +6,19 @@ import socket
 from dataclasses import replace
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
-from tgi_server.launcher.bench import compare, loadgen, output, report, servers, stats, workloads
+from tgi_server.launcher.bench import (
+    compare,
+    loadgen,
+    output,
+    report,
+    roofline,
+    servers,
+    stats,
+    workloads,
+)
 from tgi_server.launcher.bench.roofline import Roof
 from tgi_server.launcher.bench.stats import LoadResult, RequestTiming
 
@@ -79,6 +89,23 @@ def test_roof_shares_use_the_dtypes_peak_and_the_steps_per_second():
     assert bandwidth == pytest.approx(10 * 0.2 / 20)  # 10 steps/s of 0.2 GB
     row = report.format_row(_result("tgi-server", "c=1", 25.0), cost, ROOF)
     assert row.endswith("| 2% | 50% | 3% |")
+
+
+def test_roof_shares_are_of_the_multiply_add_peak_where_it_was_measured():
+    cost = report.ModelCost(params_per_token=100_000_000)
+    roof = replace(ROOF, fma_gflops={"float32": 500.0})
+    assert roof.peak_gflops("float32") == 500.0
+    assert roof.peak_gflops("bfloat16") == 400.0  # not measured: the fastest matmul
+    flops, _ = report.roof_shares(_result("tgi-server", "c=1", 25.0), cost, roof)
+    assert flops == pytest.approx(25 * 0.2 / 500)
+
+
+def test_multiply_add_peak_is_measured_on_this_cpu():
+    peaks = roofline.fma_peak_gflops(1, ("float32",))
+    if not torch.cpu._is_avx512_supported():
+        assert peaks == {}
+        return
+    assert set(peaks) == {"float32"} and math.isfinite(peaks["float32"]) and peaks["float32"] > 0
 
 
 def test_ratios_pair_ours_with_every_other_system_at_the_same_load_and_dtype():
