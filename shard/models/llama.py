@@ -81,6 +81,10 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v))  # [num_tokens, hidden]
 
 
+# Largest gate_up output of one MLP chunk on CPU (see LlamaMLP.forward).
+MLP_CHUNK_BYTES = 16 << 20
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, config, tp: ParallelState) -> None:
         super().__init__()
@@ -90,8 +94,25 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias, tp)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
         self.act_fn = SiluAndMul()
+        self.gate_up_per_rank = 2 * size // tp.world_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_tokens, hidden]; on CPU, a long prefill in chunks.
+
+        NOTE: whole, a 4096-token float32 prefill's gate_up output is 128 MiB, past glibc's
+        mmap threshold (32 MiB, `keep_freed_memory`): a fresh mapping, faulted in page by page
+        at every layer, and 64 MiB more for SiLU's. Chunks of at most MLP_CHUNK_BYTES come from
+        the heap glibc keeps, and stay in L3 from one op to the next (benchmarks/NOTES.md 29).
+        """
+        rows = MLP_CHUNK_BYTES // (self.gate_up_per_rank * hidden.element_size())
+        if hidden.device.type != "cpu" or hidden.shape[0] <= max(rows, 1):
+            return self._forward(hidden)
+        out = torch.empty_like(hidden)
+        for part, dst in zip(hidden.split(rows), out.split(rows)):
+            dst.copy_(self._forward(part))
+        return out
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(hidden)))
 
 

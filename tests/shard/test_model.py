@@ -18,7 +18,7 @@ from tgi_server.shard.kv_cache import allocate_kv_cache, kv_cache_bytes_per_bloc
 from tgi_server.shard.layers import cpu_kernels
 from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.layers.rotary import get_rope
-from tgi_server.shard.models import load_model
+from tgi_server.shard.models import llama, load_model
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 48
@@ -130,6 +130,23 @@ def test_greedy_generation_matches_generate(models):
         generated.append(int(logits.argmax()))
         logits = paged.step([0], [torch.tensor(generated[-1:])])[0][-1]
     assert generated == expected.tolist()
+
+
+def test_long_prefill_mlp_runs_in_chunks_with_the_same_logits(model_dir, monkeypatch):
+    """On CPU the MLP of a prefill longer than MLP_CHUNK_BYTES allows runs in token chunks."""
+    path = model_dir("llama")
+    ours = load_model(path, torch.float32, torch.device("cpu"), ParallelState())
+    pack_linear_weights(ours)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    width = ours.model.layers[0].mlp.gate_up_per_rank
+    monkeypatch.setattr(llama, "MLP_CHUNK_BYTES", 5 * width * 4)  # 5 float32 rows a chunk
+    rows, forward = [], llama.LlamaMLP._forward
+    monkeypatch.setattr(llama.LlamaMLP, "_forward",
+                        lambda self, x: rows.append(x.shape[0]) or forward(self, x))
+    seqs = prompts(ours.config.vocab_size, [11, 13], seed=4)
+    for seq, logits in zip(seqs, Paged(ours, num_seqs=2).step([0, 1], seqs)):
+        torch.testing.assert_close(logits, reference_logits(ref, seq), atol=ATOL, rtol=RTOL)
+    assert rows == [5, 5, 5, 5, 4] * ours.num_layers
 
 
 def test_sliding_window_matches_transformers(model_dir, tmp_path):
