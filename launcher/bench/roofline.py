@@ -79,7 +79,7 @@ _FMA_SOURCE = r"""
 // comes from the caller so nothing folds. Returns seconds for `iters` x 12 instructions.
 #define TWELVE(op) op(a0) op(a1) op(a2) op(a3) op(a4) op(a5) op(a6) op(a7) op(a8) op(a9) \
                    op(a10) op(a11)
-#define INIT(a) __m512 a = _mm512_set1_ps(b * (float)__LINE__);
+#define INIT(a) __m512 a = _mm512_set1_ps(b * (float)(seed++));
 #define SUM(a) sink += _mm512_reduce_add_ps(a);
 #define FMA(a) a = _mm512_fmadd_ps(a, bv, cv);
 #define DOT(a) a = _mm512_dpbf16_ps(a, bh, bh);
@@ -88,6 +88,7 @@ double fma_loop(int threads, int bf16, long iters, float b) {
   float sink = 0.f;
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
   {
+    int seed = 1;  // distinct starting values: equal chains would be merged into one
     TWELVE(INIT)
     const __m512 bv = _mm512_set1_ps(b), cv = _mm512_set1_ps(1e-3f);
     if (!bf16) {
