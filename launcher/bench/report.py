@@ -40,13 +40,14 @@ def _triple(values: dict[str, float], scale: float = 1.0, digits: int = 1) -> st
 TABLE_HEADER = (
     "| system | dtype | load | requests (errors) | output tokens (of requested) | output tok/s "
     "| req/s | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) | e2e p50 / p90 / p99 (s) "
-    "| % of matmul peak | % of bandwidth | other procs' CPU |"
+    "| % of compute peak | % of bandwidth | other procs' CPU |"
 )
 
 
 def roof_shares(r: LoadResult, cost: ModelCost | None, roof) -> tuple[float, float]:
-    """(share of the dtype's matmul peak, share of the memory bandwidth) that the decode work
-    behind `r`'s tokens would need: a lower bound on the work done (no attention, no prefill)."""
+    """(share of the dtype's compute peak, `Roof.peak_gflops`; share of the memory bandwidth)
+    that the decode work behind `r`'s tokens would need: a lower bound on the work done (no
+    attention, no prefill)."""
     if cost is None or roof is None or not r.output_tokens_per_s > 0:
         return math.nan, math.nan
     flops = r.output_tokens_per_s * cost.gflop_per_token() / roof.peak_gflops(r.dtype)

@@ -13,9 +13,10 @@
 // step loads NB weight vectors and broadcasts one x element (pair) per row, so each weight
 // byte is read from memory once per 256 rows and each broadcast feeds NB products. The
 // rows are walked in chunks of 8 under one tile, whose weights (NB x 16 x k) stay in L2 for
-// the rest; past 8 rows, the chunks also prefetch the next tile's weights into L2, so no
-// chunk waits on memory (at 32 rows, 1.1-1.8x over waiting: NOTES 28). Measured against oneDNN's packed kernels on the linear
-// shapes of a 1024-wide llama: 1.3-2x at 1-8 rows, 1.05-1.15x at 16-64, level at 4096.
+// all of them; past 8 rows the chunks also prefetch the next tile's weights into L2, so no
+// chunk waits on memory (NOTES 28). Measured against oneDNN's packed kernels on the linear
+// shapes of a 1024-wide llama: 1.3-2x at 1-8 rows, 1.05-1.15x at 16-64, level at 4096
+// (NOTES 25, before the prefetch).
 // Both dtypes round once to the output dtype, after the bias, as oneDNN does.
 
 #include <ATen/ATen.h>
@@ -160,9 +161,11 @@ void run(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t steps, 
       const int64_t rows = std::min(kRowBlock, m - r0);
       const T* xr = x + r0 * k;
       T* yr = y + r0 * n;
-      for (int64_t t = t0; t < t1; ++t) tile<T, NB>(xr, w, bias, yr, rows, steps, n, t * NB, w_end);
+      for (int64_t t = t0; t < t1; ++t)
+        tile<T, NB>(xr, w, bias, yr, rows, steps, n, t * NB, w_end);
       if (tail)
-        for (int64_t b = tiles * NB; b < blocks; ++b) tile<T, 1>(xr, w, bias, yr, rows, steps, n, b, w_end);
+        for (int64_t b = tiles * NB; b < blocks; ++b)
+          tile<T, 1>(xr, w, bias, yr, rows, steps, n, b, w_end);
     }
   };
   if (tiles == 0) return walk(0, 0, true);
