@@ -78,8 +78,9 @@ def write_outputs(prefix: Path, *, args, settings, model: Path, config: dict, ro
     lines = _header(args, settings, model, config, roof, notes, flags, versions, peers)
     lines += ["", report.format_table(results, cost, roof), ""]
     lines += ["% of compute peak: output tok/s x 2 x non-embedding params over the dtype's "
-              "multiply-add peak (the best matmul where that was not measured); % of bandwidth: decode steps/s (tok/s / c) x weight "
-              "bytes over the read bandwidth. Both leave out attention and prefill.", ""]
+              "multiply-add peak (the best matmul where that was not measured); % of bandwidth: "
+              "decode steps/s (tok/s / c) x weight bytes over the read bandwidth. Both leave out "
+              "attention and prefill.", ""]
     for block in (report.format_ratios(results), report.format_dtype_ratios(results)):
         lines += [*block, ""] if block else []
     if shard_rows:

@@ -5,9 +5,9 @@ Upstream: `compare.py`. Every throughput of the report can then be read as a sha
 a decode step at batch b reads every weight once (bandwidth-bound at small b) and does
 2 x params FLOPs per token (compute-bound at large b).
 
-NOTE: the matmul libraries are no roof. On the AMD EPYC this was written on, MKL (`F.linear`)
-and oneDNN reach 160-220 float32 GFLOP/s where the cores issue 420 (two 512-bit FMAs a cycle
-each), and the shard's own kernel 400-460 (benchmarks/NOTES.md 28). So the report's shares
+NOTE: the matmul libraries are no roof. On the AMD EPYC (Zen 5) this was written on, MKL
+(`F.linear`) reaches 165-185 float32 GFLOP/s where the cores issue 440-500 (two 512-bit FMAs
+a cycle each), and the shard's own kernel 400-460 (benchmarks/NOTES.md 28). So the report's shares
 are of the multiply-add peak, measured by a loop of independent FMAs, where it builds.
 """
 

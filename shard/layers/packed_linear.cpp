@@ -127,7 +127,7 @@ void tile(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t steps,
   // NOTE: past one chunk of rows, the chunks share out the prefetch of the next tile's weights
   // (NB * steps lines, right after this tile's), spread evenly over their steps, so the next
   // tile's first chunk finds them in L2 rather than waiting on memory. At one chunk (up to 8
-  // rows) the step is memory-bound anyway, and prefetching there lost (NOTES 27).
+  // rows) the step is memory-bound anyway, and prefetching there did not pay (NOTES 27, 31).
   const int64_t chunks = (m + kChunkRows - 1) / kChunkRows;
   const char* next = reinterpret_cast<const char*>(wb + NB * steps * kPerStep<T> * kBlock);
   const int64_t next_lines = chunks > 1 ? std::max<int64_t>(0, std::min<int64_t>(NB * steps,
@@ -136,6 +136,8 @@ void tile(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t steps,
   for (int64_t r = 0; r < m; r += kChunkRows) {
     const T* xr = x + r * k;
     T* yr = y + r * n;
+    // This chunk's share: at most `steps` lines (NB <= 2 blocks over at least 2 chunks), so
+    // one line every steps / per_chunk steps.
     const int64_t first = (r / kChunkRows) * per_chunk;
     Prefetch pf{next + first * 64, std::max<int64_t>(0, std::min(per_chunk, next_lines - first)),
                 per_chunk > 0 ? std::max<int64_t>(1, steps / per_chunk) : 1, 1};

@@ -104,8 +104,8 @@ class LlamaMLP(nn.Module):
         at every layer, and 64 MiB more for SiLU's. Chunks of at most MLP_CHUNK_BYTES come from
         the heap glibc keeps, and stay in L3 from one op to the next (benchmarks/NOTES.md 29).
         """
-        rows = MLP_CHUNK_BYTES // (self.gate_up_per_rank * hidden.element_size())
-        if hidden.device.type != "cpu" or hidden.shape[0] <= max(rows, 1):
+        rows = max(1, MLP_CHUNK_BYTES // (self.gate_up_per_rank * hidden.element_size()))
+        if hidden.device.type != "cpu" or hidden.shape[0] <= rows:
             return self._forward(hidden)
         out = torch.empty_like(hidden)
         for part, dst in zip(hidden.split(rows), out.split(rows)):
