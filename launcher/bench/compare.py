@@ -54,6 +54,9 @@ class Settings:
     block_size: int = 16
     shard_batch_sizes: tuple[int, ...] = (1, 8, 32, 64)
     max_quiet_wait_s: float = 600.0  # before each load, for other processes to go idle
+    # Passes over every system, one after another: ratios are paired within a pass, so a
+    # machine whose speed drifts shows as the spread between rounds (NOTES 30).
+    rounds: int = 1
 
     def num_requests(self, level: int) -> int:
         return self.num_sequential_requests if level == 1 else level
@@ -127,6 +130,30 @@ def run_transformers(model: Path, dtype: str, jobs: dict[int, list[Job]], warm: 
 
 # ---- environment ----------------------------------------------------------------------------
 
+def run_round(model: Path, systems: list[str], peers: list[Peer], flags: dict[str, list[str]],
+              fresh, warm, s: Settings, tag: str, notes: list[str]) -> list[LoadResult]:
+    """Every system once, in order: ours, the peers found, transformers. Logs go to
+    RESULTS_DIR/<system>-<tag>-<dtype>.log; a peer that fails is noted, not fatal."""
+    results: list[LoadResult] = []
+    if "tgi-server" in systems:
+        for dtype in s.dtypes:
+            with tgi_server(model, flags[dtype], RESULTS_DIR / f"server-{tag}-{dtype}.log") as url:
+                results += run_http("tgi-server", dtype, loadgen.Target(url), fresh(), warm(), s)
+    for peer in peers:
+        for dtype in (d for d in s.dtypes if d in peer.dtypes):
+            log_path = RESULTS_DIR / f"{peer.name}-{tag}-{dtype}.log"
+            try:
+                with peer.start(model, dtype, s.shape, log_path) as target:
+                    results += run_http(peer.name, dtype, target, fresh(), warm(), s)
+            except Exception as e:  # noqa: BLE001 -- a peer failing is reported, not fatal
+                log(f"{peer.name} {dtype} failed: {e}")
+                notes.append(f"{peer.name} {dtype}: failed: {str(e).splitlines()[0]}")
+    if "transformers" in systems:
+        for dtype in s.dtypes:
+            results += run_transformers(model, dtype, fresh(), warm(), s)
+    return results
+
+
 def versions() -> dict[str, str]:
     import torch
     import transformers
@@ -188,6 +215,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "1,8,32,64 ('' to skip it)")
     p.add_argument("--llama-server", help="llama.cpp's llama-server binary (default: on PATH)")
     p.add_argument("--vllm-python", help="a python that imports vllm (default: this one)")
+    p.add_argument("--rounds", type=int, help="run every system's loads this many times, all "
+                   "systems once per round, and give each ratio per round and as the median "
+                   "(default 1)")
     p.add_argument("--max-quiet-wait", type=float, dest="max_quiet_wait_s",
                    help="seconds to wait before each load for other processes to go idle "
                         "(default 600; 0: don't wait)")
@@ -199,7 +229,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     work = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     overrides = {
         "size": args.size, "threads": args.threads, "num_sequential_requests": args.requests,
-        "max_quiet_wait_s": args.max_quiet_wait_s,
+        "max_quiet_wait_s": args.max_quiet_wait_s, "rounds": args.rounds,
         "levels": _ints(args.concurrency) if args.concurrency else None,
         "dtypes": tuple(args.dtypes.split(",")) if args.dtypes else None,
         "shard_batch_sizes": (_ints(args.shard_batch_sizes)
@@ -232,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
         n == "transformers" and args.skip_baseline)]
     if unknown := set(systems) - set(SYSTEMS):
         raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    if s.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, not {s.rounds}")
     model = args.model or cached_model(s.size)
     peers, notes = _peers(args, systems)
     for note in notes:
@@ -259,25 +291,16 @@ def main(argv: list[str] | None = None) -> None:
                                          s.workload.prompt_tokens, steps=10, threads=s.threads)
 
     results: list[LoadResult] = []
-    flags = {}
-    if "tgi-server" in systems:
-        for dtype in s.dtypes:
-            flags[dtype] = tgi_server_flags(dtype, s.threads, s.workload.max_prompt_tokens,
-                                            s.workload.max_new, max(s.levels), s.block_size)
-            with tgi_server(model, flags[dtype], RESULTS_DIR / f"server-{stamp}-{dtype}.log") as url:
-                results += run_http("tgi-server", dtype, loadgen.Target(url), fresh(), warm(), s)
-    for peer in peers:
-        for dtype in (d for d in s.dtypes if d in peer.dtypes):
-            log_path = RESULTS_DIR / f"{peer.name}-{stamp}-{dtype}.log"
-            try:
-                with peer.start(model, dtype, s.shape, log_path) as target:
-                    results += run_http(peer.name, dtype, target, fresh(), warm(), s)
-            except Exception as e:  # noqa: BLE001 -- a peer failing is reported, not fatal
-                log(f"{peer.name} {dtype} failed: {e}")
-                notes.append(f"{peer.name} {dtype}: failed: {str(e).splitlines()[0]}")
-    if "transformers" in systems:
-        for dtype in s.dtypes:
-            results += run_transformers(model, dtype, fresh(), warm(), s)
+    flags = {dtype: tgi_server_flags(dtype, s.threads, s.workload.max_prompt_tokens,
+                                     s.workload.max_new, max(s.levels), s.block_size)
+             for dtype in s.dtypes if "tgi-server" in systems}
+    for rnd in range(s.rounds):
+        if s.rounds > 1:
+            log(f"round {rnd + 1} of {s.rounds}")
+        tag = f"{stamp}-round{rnd + 1}" if s.rounds > 1 else stamp
+        suffix = f", round {rnd + 1}" if s.rounds > 1 else ""
+        results += [replace(r, round=rnd, label=r.label + suffix)
+                    for r in run_round(model, systems, peers, flags, fresh, warm, s, tag, notes)]
 
     write_outputs(RESULTS_DIR / f"bench-{stamp}", args=argv, settings=s, model=model,
                   config=config, roof=roof, shard_rows=shard_rows, results=results,

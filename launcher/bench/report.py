@@ -6,6 +6,7 @@ needs matplotlib (the optional `bench` extra) and says so when it is missing.
 """
 
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,16 +73,29 @@ def format_table(results: list[LoadResult], cost: ModelCost | None = None, roof=
     return "\n".join([TABLE_HEADER, separator, *(format_row(r, cost, roof) for r in results)])
 
 
-def ratios(results: list[LoadResult]) -> dict[str, dict[str, float]]:
-    """Per `load dtype`: ours / each other system's output tok/s, where both ran."""
-    ours = {(r.load, r.dtype): r for r in results if r.system == OURS}
-    out: dict[str, dict[str, float]] = {}
-    for r in results:
-        mine = ours.get((r.load, r.dtype))
+def ratios(results: list[LoadResult]) -> dict[str, dict[str, list[float]]]:
+    """Per `load dtype`: ours / each other system's output tok/s where both ran, one ratio per
+    round (`--rounds`) in round order: systems are only paired within a round."""
+    ours = {(r.round, r.load, r.dtype): r for r in results if r.system == OURS}
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in sorted(results, key=lambda r: r.round):
+        mine = ours.get((r.round, r.load, r.dtype))
         if r.system != OURS and mine and r.output_tokens_per_s > 0:
-            key = f"{r.load} {r.dtype}"
-            out.setdefault(key, {})[r.system] = mine.output_tokens_per_s / r.output_tokens_per_s
+            per_round = out.setdefault(f"{r.load} {r.dtype}", {}).setdefault(r.system, [])
+            per_round.append(mine.output_tokens_per_s / r.output_tokens_per_s)
     return out
+
+
+def multi_round(results: list[LoadResult]) -> bool:
+    return any(r.round for r in results)
+
+
+def format_ratio(per_round: list[float]) -> str:
+    """`1.50x`; over several rounds their median, then each round's."""
+    if len(per_round) == 1:
+        return f"{per_round[0]:.2f}x"
+    each = " / ".join(f"{v:.2f}" for v in per_round)
+    return f"{statistics.median(per_round):.2f}x (rounds: {each})"
 
 
 def format_ratios(results: list[LoadResult]) -> list[str]:
@@ -89,17 +103,21 @@ def format_ratios(results: list[LoadResult]) -> list[str]:
     if not found:
         return []
     lines = [f"{OURS} / other system, output tok/s at the same load and dtype:"]
-    lines += [f"- {key}: " + "; ".join(f"{system} {value:.2f}x" for system, value in per.items())
+    lines += [f"- {key}: " + "; ".join(f"{system} {format_ratio(values)}"
+                                       for system, values in per.items())
               for key, per in found.items()]
     return lines
 
 
 def format_dtype_ratios(results: list[LoadResult], system: str = OURS) -> list[str]:
-    """bfloat16 / float32 output tok/s of one system at each load."""
-    by = {(r.load, r.dtype): r for r in results if r.system == system}
-    lines = [f"- {load}: {by[(load, 'bfloat16')].output_tokens_per_s / r.output_tokens_per_s:.2f}x"
-             for (load, dtype), r in by.items()
-             if dtype == "float32" and (load, "bfloat16") in by and r.output_tokens_per_s > 0]
+    """bfloat16 / float32 output tok/s of one system at each load (per round, as ratios)."""
+    by = {(r.round, r.load, r.dtype): r for r in results if r.system == system}
+    per_load: dict[str, list[float]] = {}
+    for (rnd, load, dtype), r in sorted(by.items(), key=lambda item: item[0][0]):
+        bf16 = by.get((rnd, load, "bfloat16"))
+        if dtype == "float32" and bf16 and r.output_tokens_per_s > 0:
+            per_load.setdefault(load, []).append(bf16.output_tokens_per_s / r.output_tokens_per_s)
+    lines = [f"- {load}: {format_ratio(values)}" for load, values in per_load.items()]
     return [f"{system} bfloat16 / float32, output tok/s:", *lines] if lines else []
 
 
@@ -130,6 +148,7 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
             continue
         over = itl - step
         name = r.load if r.dtype == "-" else f"{r.dtype} {r.load}"
+        name += f" (round {r.round + 1})" if multi_round(results) else ""
         lines.append(f"- {name}: ITL p50 {itl:.1f} ms - {where} "
                      f"{step:.1f} ms = {over:.1f} ms ({100 * over / itl:.1f}% of the ITL)")
     return ["router + gRPC + HTTP per decode step (end-to-end ITL p50 - shard step):", *lines] \
@@ -137,7 +156,7 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
 
 
 def write_plot(results: list[LoadResult], path: Path, title: str) -> str:
-    """Output tok/s against ITL p50, one line per (system, dtype), one point per load."""
+    """Output tok/s against ITL p50, one line per (system, dtype, round), one point per load."""
     try:
         import matplotlib
 
@@ -147,16 +166,17 @@ def write_plot(results: list[LoadResult], path: Path, title: str) -> str:
     except ImportError:
         return "no plot: matplotlib is not installed (pip install 'tgi-server[bench]')"
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    lines: dict[tuple[str, str], list[LoadResult]] = {}
+    lines: dict[tuple[str, str, int], list[LoadResult]] = {}
     for r in results:
         if r.output_tokens_per_s > 0 and not math.isnan(r.itl_ms.get("p50", math.nan)):
-            lines.setdefault((r.system, r.dtype), []).append(r)
-    for (system, dtype), points in lines.items():
+            lines.setdefault((r.system, r.dtype, r.round), []).append(r)
+    for (system, dtype, rnd), points in lines.items():
         points.sort(key=lambda r: (r.concurrency or 0, r.request_rate or 0))
         x = [p.itl_ms["p50"] for p in points]
         y = [p.output_tokens_per_s for p in points]
         style = "-" if system == OURS else "--"
-        ax.plot(x, y, style, marker="o", label=f"{system} {dtype}")
+        ax.plot(x, y, style, marker="o",
+                label=f"{system} {dtype}" + (f" (round {rnd + 1})" if multi_round(results) else ""))
         for p, xi, yi in zip(points, x, y):
             ax.annotate(p.load, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("inter-token latency p50 (ms), lower is better")

@@ -52,6 +52,9 @@ class LoadResult:
     # tgi-server: its shards' mean decode step during this load, from its /metrics
     # (tgi_batch_forward_duration), so the router's share of the ITL is read in one window.
     server_step_ms: float = math.nan
+    # Which pass over the systems this load belongs to (`make bench --rounds`), from 0:
+    # ratios pair systems within a round.
+    round: int = 0
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -113,8 +113,30 @@ def test_ratios_pair_ours_with_every_other_system_at_the_same_load_and_dtype():
                _result("llama.cpp", "c=1", 20.0), _result("vllm", "c=1", 40.0, "bfloat16"),
                _result("tgi-server", "c=8", 90.0)]  # no peer at c=8, ours has no bf16 c=1
     assert report.ratios(results) == {
-        "c=1 float32": {"transformers": pytest.approx(3.0), "llama.cpp": pytest.approx(1.5)}}
+        "c=1 float32": {"transformers": [pytest.approx(3.0)], "llama.cpp": [pytest.approx(1.5)]}}
     assert report.format_ratios(results)[1] == "- c=1 float32: transformers 3.00x; llama.cpp 1.50x"
+
+
+def test_ratios_pair_systems_within_each_round_and_give_the_median():
+    """Round 2's llama.cpp is never divided into round 1's tgi-server (--rounds)."""
+    results = [
+        _result("tgi-server", "c=1", 30.0), _result("llama.cpp", "c=1", 20.0),
+        replace(_result("tgi-server", "c=1", 60.0), round=1),
+        replace(_result("llama.cpp", "c=1", 15.0), round=1),
+        replace(_result("tgi-server", "c=1", 33.0), round=2),
+        replace(_result("llama.cpp", "c=1", 30.0), round=2),
+        replace(_result("tgi-server", "c=1", 40.0, "bfloat16"), round=2),
+    ]
+    assert report.ratios(results) == {"c=1 float32": {"llama.cpp": [
+        pytest.approx(1.5), pytest.approx(4.0), pytest.approx(1.1)]}}
+    assert report.format_ratios(results)[1] == (
+        "- c=1 float32: llama.cpp 1.50x (rounds: 1.50 / 4.00 / 1.10)")
+    assert report.format_dtype_ratios(results)[1:] == ["- c=1: 1.21x"]  # round 3 only
+
+
+def test_rounds_setting():
+    assert compare.settings_from(compare.parse_args([])).rounds == 1
+    assert compare.settings_from(compare.parse_args(["--rounds", "3"])).rounds == 3
 
 
 def test_dtype_ratios_and_router_overhead():
