@@ -156,7 +156,8 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
 
 
 def write_plot(results: list[LoadResult], path: Path, title: str) -> str:
-    """Output tok/s against ITL p50, one line per (system, dtype, round), one point per load."""
+    """Output tok/s against ITL p50, one line per (system, dtype) and round, one point per
+    load."""
     try:
         import matplotlib
 
@@ -170,13 +171,18 @@ def write_plot(results: list[LoadResult], path: Path, title: str) -> str:
     for r in results:
         if r.output_tokens_per_s > 0 and not math.isnan(r.itl_ms.get("p50", math.nan)):
             lines.setdefault((r.system, r.dtype, r.round), []).append(r)
+    colors: dict[tuple[str, str], str] = {}
+    rounds = max((r.round for r in results), default=0) + 1
     for (system, dtype, rnd), points in lines.items():
+        # One colour per (system, dtype); each round its own marker, labelled once.
+        color = colors.setdefault((system, dtype), f"C{len(colors) % 10}")
         points.sort(key=lambda r: (r.concurrency or 0, r.request_rate or 0))
         x = [p.itl_ms["p50"] for p in points]
         y = [p.output_tokens_per_s for p in points]
         style = "-" if system == OURS else "--"
-        ax.plot(x, y, style, marker="o",
-                label=f"{system} {dtype}" + (f" (round {rnd + 1})" if multi_round(results) else ""))
+        label = f"{system} {dtype}" + (f" ({rounds} rounds)" if rounds > 1 else "")
+        ax.plot(x, y, style, color=color, marker="os^vD<>"[rnd % 7],
+                label=label if rnd == 0 else None)
         for p, xi, yi in zip(points, x, y):
             ax.annotate(p.load, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("inter-token latency p50 (ms), lower is better")
