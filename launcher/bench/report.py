@@ -86,8 +86,8 @@ def ratios(results: list[LoadResult]) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def multi_round(results: list[LoadResult]) -> bool:
-    return any(r.round for r in results)
+def num_rounds(results: list[LoadResult]) -> int:
+    return max((r.round for r in results), default=0) + 1
 
 
 def format_ratio(per_round: list[float]) -> str:
@@ -135,6 +135,7 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
     load (its /metrics) when known, else the micro-benchmark's at batch c (another minute of
     a machine whose speed drifts)."""
     steps = {(r["dtype"], r["batch"]): r["step_ms"] for r in shard_rows}
+    multi_round = num_rounds(results) > 1
     lines = []
     for r in results:
         itl = r.itl_ms.get("p50", math.nan)
@@ -148,7 +149,7 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
             continue
         over = itl - step
         name = r.load if r.dtype == "-" else f"{r.dtype} {r.load}"
-        name += f" (round {r.round + 1})" if multi_round(results) else ""
+        name += f" (round {r.round + 1})" if multi_round else ""
         lines.append(f"- {name}: ITL p50 {itl:.1f} ms - {where} "
                      f"{step:.1f} ms = {over:.1f} ms ({100 * over / itl:.1f}% of the ITL)")
     return ["router + gRPC + HTTP per decode step (end-to-end ITL p50 - shard step):", *lines] \
@@ -172,7 +173,7 @@ def write_plot(results: list[LoadResult], path: Path, title: str) -> str:
         if r.output_tokens_per_s > 0 and not math.isnan(r.itl_ms.get("p50", math.nan)):
             lines.setdefault((r.system, r.dtype, r.round), []).append(r)
     colors: dict[tuple[str, str], str] = {}
-    rounds = max((r.round for r in results), default=0) + 1
+    rounds = num_rounds(results)
     for (system, dtype, rnd), points in lines.items():
         # One colour per (system, dtype); each round its own marker, labelled once.
         color = colors.setdefault((system, dtype), f"C{len(colors) % 10}")
