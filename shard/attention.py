@@ -185,6 +185,15 @@ def _torch_paged_attention(
     return _sdpa_padded(q, k, v, meta, meta.context_lens, scale, sliding_window)
 
 
+def _store_kernel_takes(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether fused_ops.cpp's store_kv_ writes this step's k/v: rows of kv_heads * D contiguous
+    values in the caches' dtype (a view of the fused qkv output is fine), contiguous caches."""
+    rows = all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (k, v))
+    return (rows and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and cpu_kernels.fused(k, multiple=1))
+
+
 def _torch_fresh_attention(
     q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, scale: float,
     sliding_window: int | None,
@@ -274,6 +283,9 @@ class Attention(nn.Module):
                                       self.sliding_window)
 
     def _store(self, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+        if _store_kernel_takes(k, v, self.k_cache, self.v_cache):
+            cpu_kernels.store_kv_(self.k_cache, self.v_cache, k, v, slot_mapping)
+            return
         # [num_blocks * block_size, kv_heads, D]: slot-addressed views of the layer's cache
         k_slots = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
         v_slots = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)

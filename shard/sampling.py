@@ -17,6 +17,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from tgi_server.shard.layers import cpu_kernels
+
 # (all token ids of the request so far, logits [vocab]) -> logits [vocab]
 LogitsProcessor = Callable[[Sequence[int], Tensor], Tensor]
 
@@ -200,6 +202,14 @@ def _prompt_counts(prompts: Sequence[Sequence[int]], vocab_size: int,
     return counts.to(device)
 
 
+def _argmax_logsumexp(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of float32 `logits` [batch, vocab]: argmax, max and log(sum(exp(x - max)))."""
+    if cpu_kernels.fused(logits, multiple=1):
+        return cpu_kernels.argmax_logsumexp(logits)
+    maxes = logits.amax(dim=-1)  # [batch]
+    return logits.argmax(dim=-1), maxes, (logits - maxes[:, None]).exp().sum(dim=-1).log()
+
+
 def _make_generator(p: SamplingParams) -> torch.Generator | None:
     """Sampling rows draw from their own CPU generator, so a seed reproduces its tokens
     whatever else is in the batch; greedy rows need none."""
@@ -326,13 +336,16 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} / top_n {len(top_n)} do not match "
                              f"a batch of {len(self)} over a vocab of {self.vocab_size}")
         logits = self.process(logits.float())  # [batch, vocab]
-        logprobs = torch.log_softmax(logits, dim=-1)  # [batch, vocab]
-        next_ids = self._choose(logits)  # [batch]
+        # NOTE: log_softmax(x) = (x - max) - log_sum, so the logprobs of the chosen and the top
+        # tokens come from their logits without a [batch, vocab] log_softmax (NOTES 33).
+        greedy, maxes, log_sums = _argmax_logsumexp(logits)  # [batch] each
+        next_ids = self._choose(logits, greedy)  # [batch]
         self._record(next_ids)
         max_top_n = min(max(top_n, default=0), self.vocab_size)
-        top = torch.topk(logprobs, max_top_n, dim=-1)  # [batch, max_top_n], most likely first
-        chosen = logprobs.gather(1, next_ids[:, None])[:, 0]  # [batch]
-        return SampleOutput(next_ids, chosen, top.indices, top.values)
+        top = torch.topk(logits, max_top_n, dim=-1)  # [batch, max_top_n], most likely first
+        top_logprobs = (top.values - maxes[:, None]) - log_sums[:, None]
+        chosen = (logits.gather(1, next_ids[:, None])[:, 0] - maxes) - log_sums  # [batch]
+        return SampleOutput(next_ids, chosen, top.indices, top_logprobs)
 
     def process(self, logits: Tensor) -> Tensor:
         """Penalties, logit bias, processors, then temperature: the logits logprobs come from."""
@@ -371,10 +384,11 @@ class Sampler:
             logits[i] = row
         return logits
 
-    def _choose(self, logits: Tensor) -> Tensor:
+    def _choose(self, logits: Tensor, greedy: Tensor) -> Tensor:
+        """`greedy` [batch]: each row's argmax."""
         t = self.tensors
         if t.num_sampling == 0:
-            return logits.argmax(dim=-1)  # [batch]
+            return greedy
         probs = self.warp(logits).softmax(dim=-1)  # [num_sampling, vocab]
         # The one per-row loop: each sampling row draws from its own generator.
         uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64)
@@ -382,7 +396,7 @@ class Sampler:
         sampled = _inverse_cdf(probs, uniforms.to(probs.device))  # [num_sampling]
         if t.num_sampling == len(logits):
             return sampled
-        return logits.argmax(dim=-1).index_copy(0, t.sample_rows, sampled)  # [batch]
+        return greedy.index_copy(0, t.sample_rows, sampled)  # [batch]
 
     def _record(self, next_ids: Tensor) -> None:
         penalties = self.tensors.penalties

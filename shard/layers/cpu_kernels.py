@@ -89,6 +89,19 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
     torch.ops.tgi_cpu.rotary_(q, k, cos_sin, positions)
 
 
+def store_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              slots: torch.Tensor) -> None:
+    """k, v [tokens, kv_heads, D] into slots `slots` [tokens] of the caches (any shape whose
+    slots hold kv_heads * D values each, contiguous), in place."""
+    torch.ops.tgi_cpu.store_kv_(k_cache, v_cache, k, v, slots)
+
+
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of float32 `logits` [rows, vocab]: argmax (int64), max and log(sum(exp(x -
+    max))), all [rows]; log_softmax(x) = (x - max) - log_sum."""
+    return torch.ops.tgi_cpu.argmax_logsumexp(logits)
+
+
 class PackedWeight(NamedTuple):
     """A linear weight [n, k] in packed_linear.cpp's layout (see there): blocks of 16 output
     features, float32 [n / 16][k][16], bfloat16 [n / 16][k / 2][16][2]; padded with zeros."""

@@ -1,6 +1,9 @@
 // The elementwise work of a decoder layer, one pass each: residual add + RMSNorm, SiLU-and-mul,
-// rotary embedding in place. In eager torch each is 4-8 ops with a temporary per op; at decode
-// that is ~1000 dispatches a step (benchmarks/NOTES.md 12).
+// rotary embedding in place, the store of a step's keys and values into the paged cache. In
+// eager torch each is 4-8 ops with a temporary per op; at decode that is ~1000 dispatches a
+// step (benchmarks/NOTES.md 12). And the one reduction sampling needs over the logits: argmax,
+// max and log-sum-exp per row in two passes, so no [batch, vocab] log_softmax is written
+// (NOTES 33).
 //
 // Called by norm.py, activation.py and rotary.py through cpu_kernels.py when the shapes allow
 // (rows a multiple of 16 elements). Every intermediate is rounded to the tensor's dtype where
@@ -13,6 +16,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
 
 #include "simd.h"
 
@@ -172,6 +178,97 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos_sin, const at::
   rotary_one(k, cos_sin, pos);
 }
 
+// k/v [tokens, kv_heads, D] (rows contiguous; a view of the fused qkv output is fine) into the
+// slots of the paged caches, viewed as [slots, kv_heads * D]: what index_copy_ does, at one
+// memcpy per row rather than a TensorIterator walk (~45 us a call at 32 tokens).
+void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& slots) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes(), "store_kv_: caches of one contiguous shape");
+  const int64_t tokens = k.size(0), row = k.size(1) * k.size(2);
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1 &&
+                  k.stride(1) == k.size(2) && v.stride(1) == v.size(2),
+              "store_kv_: k, v [tokens, kv_heads, D] with contiguous rows");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "store_kv_: k, v in the caches' dtype");
+  TORCH_CHECK(k_cache.numel() % row == 0, "store_kv_: a cache slot holds kv_heads * D values");
+  const int64_t num_slots = k_cache.numel() / row;
+  const auto s = slots.to(at::kLong).contiguous();
+  TORCH_CHECK(s.numel() == tokens, "store_kv_: one slot per token");
+  const int64_t* sp = s.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "store_kv_: slot ", sp[t], " out of range");
+  const int64_t bytes = row * k.element_size();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t ks = k.stride(0) * k.element_size(), vs = v.stride(0) * v.element_size();
+  at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::memcpy(kc + sp[t] * bytes, kp + t * ks, bytes);
+      std::memcpy(vc + sp[t] * bytes, vp + t * vs, bytes);
+    }
+  });
+}
+
+// Per row of float32 logits [rows, vocab]: the first index of the largest value (of the first
+// NaN, if any, as torch.argmax), that value, and log(sum(exp(x - max))). log_softmax(x)[i] is
+// then (x[i] - max) - log_sum, as torch computes it; a row with a NaN gives NaN for both.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat,
+              "argmax_logsumexp: float32 logits [rows, vocab]");
+  const auto x = logits.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  TORCH_CHECK(n > 0, "argmax_logsumexp: an empty vocabulary");
+  auto ids = at::empty({rows}, x.options().dtype(at::kLong));
+  auto maxes = at::empty({rows}, x.options());
+  auto log_sums = at::empty({rows}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* mp = maxes.data_ptr<float>();
+  float* lp = log_sums.data_ptr<float>();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * n;
+      // Pass 1: the largest value, or the first NaN.
+      __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      int64_t first_nan = -1;
+      for (int64_t c = 0; c < n && first_nan < 0; c += 16) {
+        const __mmask16 mask = n - c >= 16 ? 0xFFFF : __mmask16((1u << (n - c)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(mask, row + c);
+        const __mmask16 nans = _mm512_mask_cmp_ps_mask(mask, v, v, _CMP_UNORD_Q);
+        if (nans) first_nan = c + __builtin_ctz(nans);
+        vmax = _mm512_mask_max_ps(vmax, mask, vmax, v);
+      }
+      if (first_nan >= 0) {
+        ip[r] = first_nan;
+        mp[r] = lp[r] = nan;
+        continue;
+      }
+      const float m = _mm512_reduce_max_ps(vmax);
+      // Pass 2: sum(exp(x - m)) and the first index holding m.
+      const __m512 mv = _mm512_set1_ps(m);
+      __m512 sum = _mm512_setzero_ps();
+      int64_t first = -1;
+      for (int64_t c = 0; c < n; c += 16) {
+        const __mmask16 mask = n - c >= 16 ? 0xFFFF : __mmask16((1u << (n - c)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(mask, row + c);
+        if (first < 0) {
+          const __mmask16 hit = _mm512_mask_cmp_ps_mask(mask, v, mv, _CMP_EQ_OQ);
+          if (hit) first = c + __builtin_ctz(hit);
+        }
+        sum = _mm512_mask_add_ps(sum, mask, sum, exp16(_mm512_sub_ps(v, mv)));
+      }
+      ip[r] = first < 0 ? 0 : first;  // all -inf: torch.argmax gives 0 too
+      mp[r] = m;
+      lp[r] = std::log(_mm512_reduce_add_ps(sum));
+    }
+  });
+  return {ids, maxes, log_sums};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tgi_cpu, m) {
@@ -182,5 +279,9 @@ TORCH_LIBRARY_FRAGMENT(tgi_cpu, m) {
   m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
   m.impl("add_rms_norm_", c10::DispatchKey::CPU, &add_rms_norm_);
   m.impl("silu_and_mul", c10::DispatchKey::CPU, &silu_and_mul);
+  m.def("store_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
+  m.def("argmax_logsumexp(Tensor logits) -> (Tensor, Tensor, Tensor)");
   m.impl("rotary_", c10::DispatchKey::CPU, &rotary_);
+  m.impl("store_kv_", c10::DispatchKey::CPU, &store_kv_);
+  m.impl("argmax_logsumexp", c10::DispatchKey::CPU, &argmax_logsumexp);
 }

@@ -77,3 +77,52 @@ def test_rotary_in_place_on_qkv_views(dtype, head_dim):
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
     with pytest.raises(RuntimeError, match="past the cache"):
         cpu_kernels.rotary_(q, k, cos_sin, torch.full((tokens,), 50))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_writes_the_slots_index_copy_writes(dtype):
+    need_kernels(dtype)
+    gen = torch.Generator().manual_seed(3)
+    tokens, heads, kv_heads, head_dim = 5, 4, 2, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    _, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    k, v = k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)  # strided rows
+    k_cache = torch.randn(6, 16, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(6, 16, kv_heads, head_dim, generator=gen).to(dtype)
+    slots = torch.tensor([95, 0, 17, 16, 40])
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    want_v.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+
+    cpu_kernels.store_kv_(k_cache, v_cache, k, v, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_kernels.store_kv_(k_cache, v_cache, k, v, torch.tensor([0, 1, 2, 3, 96]))
+    assert torch.equal(k_cache, want_k)  # checked before any write
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 1000, 32000])
+def test_argmax_logsumexp_matches_argmax_and_log_softmax(vocab):
+    need_kernels(torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, vocab, generator=gen) * 5
+    logits[1, vocab // 2] = float("-inf")  # a masked token (guided output, logit bias)
+    logits[2, -1] = logits[2, 0] = logits[2].max() + 1  # a tie: the first index wins
+    logits[3] = float("-inf")
+    logits[3, vocab - 1] = 2.0  # one allowed token
+    ids, maxes, log_sums = cpu_kernels.argmax_logsumexp(logits)
+    assert ids.tolist() == logits.argmax(dim=-1).tolist()
+    assert torch.equal(maxes, logits.amax(dim=-1))
+    got = (logits - maxes[:, None]) - log_sums[:, None]
+    want = torch.log_softmax(logits, dim=-1)  # NaN where a row is all -inf (vocab 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_argmax_logsumexp_gives_nan_for_a_row_with_nan():
+    need_kernels(torch.float32)
+    logits = torch.zeros(2, 40)
+    logits[0, 33] = logits[0, 35] = float("nan")
+    ids, maxes, log_sums = cpu_kernels.argmax_logsumexp(logits)
+    assert ids.tolist() == logits.argmax(dim=-1).tolist() == [33, 0]
+    assert maxes[0].isnan() and log_sums[0].isnan()
+    torch.testing.assert_close(log_sums[1], torch.logsumexp(logits[1], dim=0))
