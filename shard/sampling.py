@@ -342,9 +342,12 @@ class Sampler:
         next_ids = self._choose(logits, greedy)  # [batch]
         self._record(next_ids)
         max_top_n = min(max(top_n, default=0), self.vocab_size)
+        chosen = (logits.gather(1, next_ids[:, None])[:, 0] - maxes) - log_sums  # [batch]
+        if max_top_n == 0:  # topk(logits, 0) still costs ~20 us on CPU
+            none = logits.new_empty(len(self), 0)
+            return SampleOutput(next_ids, chosen, none.long(), none)
         top = torch.topk(logits, max_top_n, dim=-1)  # [batch, max_top_n], most likely first
         top_logprobs = (top.values - maxes[:, None]) - log_sums[:, None]
-        chosen = (logits.gather(1, next_ids[:, None])[:, 0] - maxes) - log_sums  # [batch]
         return SampleOutput(next_ids, chosen, top.indices, top_logprobs)
 
     def process(self, logits: Tensor) -> Tensor:
