@@ -3,7 +3,9 @@
 Upstream: the router's `client.py`, over a unix socket (or TCP). Downstream: `model_runner.py`.
 Model work runs on one worker thread, so the event loop keeps answering Health while a step
 runs, and steps never overlap. A Decode asked to look ahead queues the batch's next step on that
-thread before it answers; the step's tokens wait in `ahead` for the next call on the batch.
+thread before it answers; the step's tokens wait in `ahead` for the next call on the batch. A
+Decode that collects such a step and looks ahead again queues the next one behind it at once, so
+in the steady state the thread goes from step to step without waiting for the event loop.
 """
 
 import asyncio
@@ -12,6 +14,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import grpc
 import torch
@@ -38,6 +41,15 @@ def generation_to_pb(out: StepOutput) -> pb.Generation:
     return gen
 
 
+class AheadStep(NamedTuple):
+    """A decode step that ran ahead, as the model thread left it."""
+
+    outputs: list[StepOutput]
+    forward_ns: int
+    state: pb.CachedBatch | None  # the batch after the step; None when no request is left
+    ended: bool  # a request finished in the step: the router filters before the next one
+
+
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
     def __init__(self, config: ShardConfig, runner: ModelRunner, urls: list[str],
                  info: pb.InfoResponse, executor: ThreadPoolExecutor | None = None):
@@ -53,8 +65,12 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     async def _run(self, fn, *args):
+        return await self._guard(
+            asyncio.get_running_loop().run_in_executor(self.executor, fn, *args))
+
+    async def _guard(self, work: asyncio.Future):
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            return await work
         except Exception as e:
             if self.config.world_size > 1:
                 exit_broken_group(e)
@@ -88,9 +104,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         cached = batch.to_pb()
         if ran is not None:
             kept = set(keep)
-            outputs = [o for o in ran[0] if o.request_id in kept]
+            outputs = [o for o in ran.outputs if o.request_id in kept]
             done = asyncio.get_running_loop().create_future()
-            done.set_result((outputs, ran[1]))
+            done.set_result(AheadStep(outputs, ran.forward_ns, _state(batch), bool(batch.finished)))
             self.ahead[batch.batch_id] = done
             cached.ahead = True
         return pb.FilterBatchResponse(batch=cached)
@@ -116,7 +132,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         start = time.perf_counter_ns()
         batch = Batch.from_pb(request.batch, self.runner.vocab_size, self.runner.device)
         outputs, forward_ns = await self._step(self.runner.prefill, batch)
-        return self._respond(batch, outputs, start, forward_ns)
+        return self._respond(self._keep(batch), outputs, start, forward_ns)
 
     async def Decode(self, request, context):
         return await self._decode(request, context)
@@ -127,6 +143,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
     async def _decode(self, request, context) -> pb.GenerateResponse:
         start = time.perf_counter_ns()
+        if request.lookahead and len(request.batches) == 1 and request.batches[0].ahead:
+            return await self._decode_chained(request.batches[0].id, start)
         taken = [await self._take(b.id) for b in request.batches]
         ran = [r for _, r in taken if r is not None]
         if ran and len(ran) < len(taken):
@@ -135,20 +153,67 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         batch = Batch.concatenate([b for b, _ in taken])
         concat_ns = time.perf_counter_ns() - start
         if ran:
-            outputs = [o for r in ran for o in r[0]]
-            forward_ns = sum(r[1] for r in ran)
+            outputs = [o for r in ran for o in r.outputs]
+            forward_ns = sum(r.forward_ns for r in ran)
         else:
             outputs, forward_ns = await self._step(self.runner.decode, batch)
-        response = self._respond(batch, outputs, start, forward_ns)
+        cached = self._keep(batch)
+        ahead = request.lookahead and cached is not None and not batch.finished
+        if ahead:
+            # NOTE: the response reads only `cached` and the outputs, taken before the step
+            # queued here can change the batch.
+            self.ahead[batch.batch_id] = self._queue_ahead(batch)
+        response = self._respond(cached, outputs, start, forward_ns)
         response.concat_ns = concat_ns
-        if request.lookahead and response.HasField("batch") and not batch.finished:
-            # NOTE: the response's batch state was read above, before the step can change it.
-            self.ahead[batch.batch_id] = asyncio.ensure_future(self._step(self.runner.decode, batch))
+        if ahead:
             response.batch.ahead = True
         return response
 
-    async def _take(self, batch_id: int) -> tuple[Batch, tuple | None]:
-        """Pops a cached batch, and the (outputs, forward_ns) of its step if that ran ahead."""
+    async def _decode_chained(self, batch_id: int, start: int) -> pb.GenerateResponse:
+        """The steady state of lookahead: the router collects the step that ran ahead on its
+        one batch and asks for the next. That next step is queued behind the running one right
+        away, so the model thread goes from one step to the next without waiting for this
+        loop (a wake-up and this response, ~1 ms a step on 2 cores: NOTES 33); it skips
+        itself if a request finishes in the step before, as the router then filters first."""
+        batch = self._pop(batch_id)
+        running = self.ahead.pop(batch_id, None)
+        if running is None:
+            raise ValueError(f"batch {batch_id} is marked ahead but no step ran ahead on it")
+        self.ahead[batch_id] = self._queue_ahead(batch)
+        try:
+            ran = await running
+        except Exception:
+            # The batch is dropped, as any batch whose step failed; its next step ends first.
+            await asyncio.gather(self.ahead.pop(batch_id), return_exceptions=True)
+            raise
+        if ran is None:  # not reached with a router that filters after each finished request
+            await self.ahead.pop(batch_id)
+            self.cache[batch_id] = batch
+            raise ValueError(f"batch {batch_id} has finished requests to filter out first")
+        if ran.state is None:  # every request finished: the step queued above skips itself
+            await self.ahead.pop(batch_id)
+        else:
+            self.cache[batch_id] = batch
+        response = self._respond(ran.state, ran.outputs, start, ran.forward_ns)
+        if ran.state is not None and not ran.ended:
+            response.batch.ahead = True
+        return response
+
+    def _queue_ahead(self, batch: Batch) -> asyncio.Future:
+        """The batch's next decode step on the model thread, after whatever is queued there;
+        it gives an `AheadStep`, or None when it found a finished request and did not run."""
+        def step() -> AheadStep | None:
+            if batch.finished:
+                return None
+            begin = time.perf_counter_ns()
+            outputs = self.runner.decode(batch)
+            forward_ns = time.perf_counter_ns() - begin
+            return AheadStep(outputs, forward_ns, _state(batch), bool(batch.finished))
+        return asyncio.ensure_future(self._guard(
+            asyncio.get_running_loop().run_in_executor(self.executor, step)))
+
+    async def _take(self, batch_id: int) -> tuple[Batch, "AheadStep | None"]:
+        """Pops a cached batch, and its step that ran ahead, if one did."""
         batch = self._pop(batch_id)
         ahead = self.ahead.pop(batch_id, None)
         return batch, (await ahead if ahead is not None else None)
@@ -168,15 +233,26 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             raise KeyError(f"batch {batch_id} not found in the shard's cache")
         return batch
 
-    def _respond(self, batch: Batch, outputs: list[StepOutput], start_ns: int,
+    def _keep(self, batch: Batch) -> pb.CachedBatch | None:
+        """Caches `batch` while any of its requests is unfinished; its state for the router."""
+        state = _state(batch)
+        if state is not None:
+            self.cache[batch.batch_id] = batch
+        return state
+
+    def _respond(self, cached: pb.CachedBatch | None, outputs: list[StepOutput], start_ns: int,
                  forward_ns: int) -> pb.GenerateResponse:
         response = pb.GenerateResponse(generations=[generation_to_pb(o) for o in outputs])
-        if len(batch.finished) < len(batch):
-            self.cache[batch.batch_id] = batch
-            response.batch.CopyFrom(batch.to_pb())
+        if cached is not None:
+            response.batch.CopyFrom(cached)
         response.forward_ns = forward_ns
         response.total_ns = time.perf_counter_ns() - start_ns
         return response
+
+
+def _state(batch: Batch) -> pb.CachedBatch | None:
+    """The batch as the router tracks it; None when none of its requests is unfinished."""
+    return batch.to_pb() if len(batch.finished) < len(batch) else None
 
 
 def exit_broken_group(error: Exception) -> None:

@@ -2,6 +2,10 @@
 `lookahead` runs the batch's next step before it is asked for, and every call on the batch
 (Decode, FilterBatch, ClearCache) sees the same tokens as steps run one at a time."""
 
+import asyncio
+import threading
+import time
+
 import pytest
 import torch
 
@@ -142,4 +146,32 @@ async def test_a_failed_step_ahead_is_raised_when_collected(service, monkeypatch
     assert response.batch.ahead
     with pytest.raises(RuntimeError, match="out of memory"):
         await decode(service, [response.batch])
+    assert not service.cache and not service.ahead
+
+
+async def test_the_model_thread_goes_on_to_the_next_step_while_the_loop_is_busy(
+        service, monkeypatch):
+    """Collecting a step that runs ahead queues the next one behind it at once: the model
+    thread starts it as soon as the collected step ends, without waiting for the event loop."""
+    reference = await generate(service, new_batch(9, 1, 2), lookahead=False)
+    real, calls, gate = service.runner.decode, [], threading.Event()
+
+    def gated(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:  # the first step run ahead waits until the gate opens
+            assert gate.wait(10)
+        return real(batch)
+
+    monkeypatch.setattr(service.runner, "decode", gated)
+    response = await service.Prefill(pb.PrefillRequest(batch=new_batch(10, 1, 2)), None)
+    response = await decode(service, [response.batch], lookahead=True)  # step 1, 2 queued
+    collect = asyncio.create_task(decode(service, [response.batch], lookahead=True))
+    await asyncio.sleep(0.05)  # the collecting call waits for step 2
+    threading.Timer(0.05, gate.set).start()
+    time.sleep(0.5)  # the loop is busy; only the model thread moves
+    assert len(calls) == 3  # step 2 ended and step 3 began meanwhile
+    collected = await collect
+    assert collected.batch.ahead
+    assert tokens(collected) == {1: reference[1][2], 2: reference[2][2]}
+    await service.ClearCache(pb.ClearCacheRequest(), None)
     assert not service.cache and not service.ahead
