@@ -143,8 +143,11 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
     async def _decode(self, request, context) -> pb.GenerateResponse:
         start = time.perf_counter_ns()
-        if request.lookahead and len(request.batches) == 1 and request.batches[0].ahead:
-            return await self._decode_chained(request.batches[0].id, start)
+        if (request.lookahead and len(request.batches) == 1 and request.batches[0].ahead
+                and request.batches[0].id in self.ahead):
+            response = await self._decode_chained(request.batches[0].id, start)
+            if response is not None:
+                return response
         taken = [await self._take(b.id) for b in request.batches]
         ran = [r for _, r in taken if r is not None]
         if ran and len(ran) < len(taken):
@@ -169,16 +172,15 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             response.batch.ahead = True
         return response
 
-    async def _decode_chained(self, batch_id: int, start: int) -> pb.GenerateResponse:
+    async def _decode_chained(self, batch_id: int, start: int) -> pb.GenerateResponse | None:
         """The steady state of lookahead: the router collects the step that ran ahead on its
         one batch and asks for the next. That next step is queued behind the running one right
         away, so the model thread goes from one step to the next without waiting for this
         loop (a wake-up and this response, ~1 ms a step on 2 cores: NOTES 33); it skips
-        itself if a request finishes in the step before, as the router then filters first."""
+        itself if a request finishes in the step before, as the router then filters first.
+        None (the batch back in the cache) when the step collected here did not run."""
         batch = self._pop(batch_id)
-        running = self.ahead.pop(batch_id, None)
-        if running is None:
-            raise ValueError(f"batch {batch_id} is marked ahead but no step ran ahead on it")
+        running = self.ahead.pop(batch_id)
         self.ahead[batch_id] = self._queue_ahead(batch)
         try:
             ran = await running
@@ -186,10 +188,10 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             # The batch is dropped, as any batch whose step failed; its next step ends first.
             await asyncio.gather(self.ahead.pop(batch_id), return_exceptions=True)
             raise
-        if ran is None:  # not reached with a router that filters after each finished request
-            await self.ahead.pop(batch_id)
+        if ran is None:  # a request had finished: not reached when the router filters first
+            await self.ahead.pop(batch_id)  # it found the same request and did not run either
             self.cache[batch_id] = batch
-            raise ValueError(f"batch {batch_id} has finished requests to filter out first")
+            return None
         if ran.state is None:  # every request finished: the step queued above skips itself
             await self.ahead.pop(batch_id)
         else:
