@@ -175,3 +175,21 @@ async def test_the_model_thread_goes_on_to_the_next_step_while_the_loop_is_busy(
     assert tokens(collected) == {1: reference[1][2], 2: reference[2][2]}
     await service.ClearCache(pb.ClearCacheRequest(), None)
     assert not service.cache and not service.ahead
+
+
+async def test_a_decode_on_a_batch_with_a_finished_request_runs_step_by_step(service):
+    """A router that decodes a batch marked ahead without filtering out the request that
+    finished (not ours: it filters) gets the step run then, as without lookahead."""
+    batch = new_batch(11, 1, 2)
+    batch.requests[1].stopping.max_new_tokens = 3
+    response = await service.Prefill(pb.PrefillRequest(batch=batch), None)
+    while not any(g.finish_reason for g in response.generations):
+        response = await decode(service, [response.batch], lookahead=True)
+    assert not response.batch.ahead and 11 in service.ahead  # queued, and it skips itself
+    stale = pb.CachedBatch()
+    stale.CopyFrom(response.batch)
+    stale.ahead = True
+    nxt = await decode(service, [stale], lookahead=True)
+    assert set(tokens(nxt)) == {1, 2} and nxt.batch.id == 11
+    await service.ClearCache(pb.ClearCacheRequest(), None)
+    assert not service.cache and not service.ahead
