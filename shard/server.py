@@ -207,9 +207,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         def step() -> AheadStep | None:
             if batch.finished:
                 return None
-            begin = time.perf_counter_ns()
-            outputs = self.runner.decode(batch)
-            forward_ns = time.perf_counter_ns() - begin
+            outputs, forward_ns = _timed(self.runner.decode, batch)
             return AheadStep(outputs, forward_ns, _state(batch), bool(batch.finished))
         return asyncio.ensure_future(self._guard(
             asyncio.get_running_loop().run_in_executor(self.executor, step)))
@@ -222,11 +220,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
     async def _step(self, fn, batch: Batch) -> tuple[list[StepOutput], int]:
         """Runs a step on the model thread; also returns the time it took there."""
-        def timed():
-            start = time.perf_counter_ns()
-            outputs = fn(batch)
-            return outputs, time.perf_counter_ns() - start
-        return await self._run(timed)
+        return await self._run(_timed, fn, batch)
 
     def _pop(self, batch_id: int) -> Batch:
         batch = self.cache.pop(batch_id, None)
@@ -250,6 +244,13 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         response.forward_ns = forward_ns
         response.total_ns = time.perf_counter_ns() - start_ns
         return response
+
+
+def _timed(fn, batch: Batch) -> tuple[list[StepOutput], int]:
+    """fn(batch), and the nanoseconds it took."""
+    start = time.perf_counter_ns()
+    outputs = fn(batch)
+    return outputs, time.perf_counter_ns() - start
 
 
 def _state(batch: Batch) -> pb.CachedBatch | None:
