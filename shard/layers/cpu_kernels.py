@@ -1,13 +1,14 @@
-"""The shard's CPU kernels (packed_linear.cpp, decode_attention.cpp, fused_ops.cpp): built
-once per machine, then loaded.
+"""The shard's CPU kernels (packed_linear.cpp, decode_attention.cpp, fused_ops.cpp,
+decode_layer.cpp): built once per machine, then loaded.
 
 Upstream: `linear.py` packs every linear weight with `pack_linear_weight` when
 `available(dtype)` and runs the layer through `packed_linear` at every batch size (else
 oneDNN); `attention.py` runs decode steps through `decode_attention`; `norm.py`,
 `activation.py` and `rotary.py` run their elementwise work through `fused_ops.cpp` when
-`fused(x)`. The first shard on a machine compiles them with torch.utils.cpp_extension (gcc
-and ninja, ~15 s on 2 cores; later starts load the cached build). Without a compiler or
-AVX-512 the shard logs one warning and uses the torch paths.
+`fused(x)`; `models/llama.py` runs a decode step's layers through `decode_layer`, which
+calls those same ops from C++. The first shard on a machine compiles them with
+torch.utils.cpp_extension (gcc and ninja, ~15 s on 2 cores; later starts load the cached
+build). Without a compiler or AVX-512 the shard logs one warning and uses the torch paths.
 """
 
 import functools
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(f)
-           for f in ("packed_linear.cpp", "decode_attention.cpp", "fused_ops.cpp")]
+           for f in ("packed_linear.cpp", "decode_attention.cpp", "fused_ops.cpp",
+                     "decode_layer.cpp")]
 
 
 _disabled = False
@@ -155,3 +157,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     cache [num_blocks, block_size, kv_heads, D] -> [batch, heads, D]."""
     return torch.ops.tgi_cpu.decode_attention(q, k_cache, v_cache, block_tables, context_lens,
                                               scale, sliding_window or 0)
+
+
+def decode_layer(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 *layer) -> torch.Tensor:
+    """One decoder layer of a decode step (decode_layer.cpp): hidden [tokens, hidden] -> its
+    output; `residual` gets the attention output added in place (at the first layer, pass the
+    embeddings as both). `layer`: the static arguments `LlamaDecoderLayer.fused_decode_args`
+    gives."""
+    return torch.ops.tgi_cpu.decode_layer(hidden, residual, positions, slots, block_tables,
+                                          context_lens, *layer)

@@ -421,7 +421,7 @@ def test_disabled_custom_kernels_hold_each_weight_once(model_dir, monkeypatch):
         want = model.compute_logits(model(tokens, torch.arange(3)))
     monkeypatch.setattr(cpu_kernels, "_disabled", True)
     for op in ("packed_linear", "decode_attention", "rms_norm", "add_rms_norm_",
-               "silu_and_mul", "rotary_"):
+               "silu_and_mul", "rotary_", "decode_layer"):
         monkeypatch.setattr(cpu_kernels, op, None)  # any call fails
     if pack_linear_weights(model) == 0:
         pytest.skip("oneDNN cannot pack float32 weights here")
@@ -430,3 +430,51 @@ def test_disabled_custom_kernels_hold_each_weight_once(model_dir, monkeypatch):
     with torch.inference_mode(), forward_context(meta):
         got = model.compute_logits(model(tokens, torch.arange(3)))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_fused_decode_layers_give_the_bits_of_the_modules(model_dir, tmp_path, monkeypatch,
+                                                           dtype, arch):
+    """A CPU decode step runs each layer as one decode_layer call: same logits, bit for bit,
+    as the modules; qwen2 has q/k/v biases, and the mistral here a sliding window of 4."""
+    if not cpu_kernels.available(dtype):
+        pytest.skip(f"the CPU kernels do not run {dtype} here")
+    # The tiny models' heads are 16 wide, narrower than the rotary kernel takes: the same
+    # weights as 2 heads of 32 (and 1 KV head) run every op of the layer in C++.
+    path = tmp_path / arch
+    shutil.copytree(model_dir(arch), path)
+    config = json.loads((path / "config.json").read_text())
+    window = {"sliding_window": 4} if arch == "mistral" else {}
+    (path / "config.json").write_text(json.dumps(
+        {**config, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, **window}))
+    model = load_model(path, dtype, torch.device("cpu"), ParallelState())
+    pack_linear_weights(model)
+    calls, fused = [], cpu_kernels.decode_layer
+    monkeypatch.setattr(cpu_kernels, "decode_layer", lambda *a: calls.append(1) or fused(*a))
+    allocate_kv_cache(model, NUM_BLOCKS, BLOCK_SIZE, dtype, "cpu")
+    tables = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    seqs = prompts(model.config.vocab_size, [5, 9, 2], seed=5)
+
+    def forward(tokens, query_lens, context_lens, positions):
+        meta = AttentionMetadata.from_lists(query_lens, context_lens, tables, BLOCK_SIZE)
+        with torch.inference_mode(), forward_context(meta):
+            return model.compute_logits(model(tokens, positions))
+
+    lens = [len(s) for s in seqs]
+    logits = forward(torch.cat(seqs), lens, lens, torch.cat([torch.arange(n) for n in lens]))
+    rows = torch.tensor(lens).cumsum(0) - 1
+    assert not calls  # a prefill runs the modules
+    for _ in range(4):
+        tokens = logits[rows].argmax(-1)
+        rows = torch.arange(len(seqs))
+        lens = [n + 1 for n in lens]
+        positions = torch.tensor(lens) - 1
+        # The modules, then the fused layers, on the same step: the second writes the same
+        # keys and values into the same slots when they agree.
+        monkeypatch.setattr(model.model, "fused_decode", False)
+        want = forward(tokens, [1] * len(seqs), lens, positions)
+        monkeypatch.setattr(model.model, "fused_decode", True)
+        logits = forward(tokens, [1] * len(seqs), lens, positions)
+        assert torch.equal(logits, want)
+    assert len(calls) == 4 * model.num_layers
