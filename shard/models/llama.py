@@ -129,7 +129,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self._fused_weights: tuple | None | object = _UNSET
+        self._fused_weights: tuple | object = _UNSET  # (packed q/k/v weight, its args)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,14 +146,17 @@ class LlamaDecoderLayer(nn.Module):
     def fused_decode_args(self, dtype: torch.dtype) -> tuple | None:
         """This layer's arguments to `cpu_kernels.decode_layer` after the per-step ones, or None
         where an op of the layer would not run there (the same ops `forward` would pick)."""
-        if self._fused_weights is _UNSET:
-            self._fused_weights = self._fused_decode_weights()
-        attn = self.self_attn.attn
+        # NOTE: the weights' part is worked out once per packing of the weights (keyed by the
+        # packed q/k/v weight: None before pack_linear_weights, another if packed again).
+        packed = self.self_attn.qkv_proj.packed_weight
+        if self._fused_weights is _UNSET or self._fused_weights[0] is not packed:
+            self._fused_weights = (packed, self._fused_decode_weights())
+        weights, attn = self._fused_weights[1], self.self_attn.attn
         caches = (attn.k_cache, attn.v_cache)
-        if (self._fused_weights is None or self._fused_weights[2].dtype != dtype
+        if (weights is None or self.input_layernorm.weight.dtype != dtype
                 or any(c is None or c.dtype != dtype or not c.is_contiguous() for c in caches)):
             return None
-        return (*caches, *self._fused_weights)
+        return (*caches, *weights)
 
     def _fused_decode_weights(self) -> tuple | None:
         """The static part of `fused_decode_args`, once the weights are packed."""

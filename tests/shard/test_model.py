@@ -449,10 +449,13 @@ def test_fused_decode_layers_give_the_bits_of_the_modules(model_dir, tmp_path, m
     (path / "config.json").write_text(json.dumps(
         {**config, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, **window}))
     model = load_model(path, dtype, torch.device("cpu"), ParallelState())
+    allocate_kv_cache(model, NUM_BLOCKS, BLOCK_SIZE, dtype, "cpu")
+    layer = model.model.layers[0]
+    assert layer.fused_decode_args(dtype) is None  # weights not packed yet
     pack_linear_weights(model)
+    assert layer.fused_decode_args(dtype) is not None
     calls, fused = [], cpu_kernels.decode_layer
     monkeypatch.setattr(cpu_kernels, "decode_layer", lambda *a: calls.append(1) or fused(*a))
-    allocate_kv_cache(model, NUM_BLOCKS, BLOCK_SIZE, dtype, "cpu")
     tables = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     seqs = prompts(model.config.vocab_size, [5, 9, 2], seed=5)
 
