@@ -3,9 +3,9 @@
 // calls them, on the same tensors, so the result is the same bits.
 //
 // Called by models/llama.py through cpu_kernels.decode_layer when every op of the layer runs
-// here (llama.py decides). In Python the layer is ~40 dispatches, views and module calls,
-// ~70 us of host time a layer, which at one sequence is 5 % of a float32 step (~0.85 ms of
-// ~17 ms; benchmarks/NOTES.md 36); here the ops are called through the dispatcher from C++.
+// here (llama.py decides). In Python the layer is ~40 dispatches, views and module calls:
+// measured 1.2 ms of a 17.9 ms float32 step at one sequence, 3 ms at 32 (benchmarks/NOTES.md
+// 36); here the ops are called through the dispatcher from C++.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -64,7 +64,8 @@ at::Tensor decode_layer(
     const OptTensor& qkv_b, const at::Tensor& o_w, const OptTensor& o_b,
     const at::Tensor& gate_up_w, const OptTensor& gate_up_b, const at::Tensor& down_w,
     const OptTensor& down_b, at::IntArrayRef shape, double scale, int64_t window) {
-  TORCH_CHECK(shape.size() == 4, "decode_layer: shape is [heads, kv_heads, head_dim, intermediate]");
+  TORCH_CHECK(shape.size() == 4,
+              "decode_layer: shape is [heads, kv_heads, head_dim, intermediate]");
   TORCH_CHECK(hidden.dim() == 2 && positions.numel() == hidden.size(0),
               "decode_layer: hidden [tokens, hidden], one position per token");
   const auto& op = ops();
