@@ -67,6 +67,7 @@ names, dirs = packages()
 setup(
     packages=names,
     package_dir=dirs,
-    package_data={"tgi_server.proto": ["*.proto", "*.pyi"], "tgi_server.shard.layers": ["*.cpp"]},
+    package_data={"tgi_server.proto": ["*.proto", "*.pyi"],
+                  "tgi_server.shard.layers": ["*.cpp", "*.h"]},  # the kernels build at start-up
     cmdclass={"build_py": BuildPy, "proto": GenerateProto},
 )
