@@ -4,7 +4,8 @@ Upstream: `model_runner.py` builds an `AttentionMetadata` for each prefill/decod
 runs the model inside `forward_context(meta)`; `kv_cache.py` binds each `Attention` module's
 `k_cache`/`v_cache` views. Downstream: the attention kernels. This is the only module that
 chooses a kernel backend: torch SDPA everywhere, flash-attn on CUDA when it is installed and
-the block size allows it, and on CPU the decode kernel of `layers/cpu_kernels.py` when built.
+the block size allows it, and on CPU the decode kernel of `layers/cpu_kernels.py` when built
+(for decode steps, and for prefills of short contexts, one query row at a time).
 
 Layout: the tokens of all sequences are packed along one dimension; the new tokens of sequence
 i are rows `cu_seqlens_q[i]:cu_seqlens_q[i + 1]` and sit at the END of its context (positions
@@ -221,12 +222,30 @@ def _use_flash(k_cache: Tensor) -> bool:
     return k_cache.is_cuda and k_cache.shape[1] % 256 == 0 and _flash_attn_installed()
 
 
+# Longest context whose prefill the CPU decode kernel attends (one query row at a time) at
+# least as fast as SDPA's flash kernel over gathered blocks: the attention alone 0.65-0.75x
+# SDPA's time at 128-512 tokens, 1.2x at 2048, 1.9x at 4096; a whole float32 prefill 5 % (32 x
+# 128 tokens) to 12 % (8 x 512) shorter, level at 2 x 1024 (benchmarks/NOTES.md 41).
+CPU_KERNEL_PREFILL_MAX_CONTEXT = 1024
+
+
 def _use_cpu_decode_kernel(q: Tensor, meta: AttentionMetadata, head_dim: int) -> bool:
-    # NOTE: decode only (one token per sequence, the last of its context); it reads each
-    # sequence's blocks in place instead of gathering them per layer (benchmarks/NOTES.md).
-    return (meta.max_query_len == 1 and q.device.type == "cpu" and head_dim % 16 == 0
-            and head_dim <= 256
+    # NOTE: it reads each sequence's blocks in place instead of gathering them per layer
+    # (benchmarks/NOTES.md); a prefill's rows go through it as one-token queries, each the
+    # last of its own context (`_rows_as_decode`), while the contexts are short.
+    return ((meta.max_query_len == 1 or meta.max_context_len <= CPU_KERNEL_PREFILL_MAX_CONTEXT)
+            and q.device.type == "cpu" and head_dim % 16 == 0 and head_dim <= 256
             and cpu_kernels.available(q.dtype))
+
+
+def _rows_as_decode(meta: AttentionMetadata, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """(block table, context length) of every query row taken as its own one-token query: row
+    j of sequence i sees its sequence's tokens up to and including its own position."""
+    if meta.max_query_len == 1:
+        return meta.block_tables, meta.context_lens
+    seq_ids, rows = _token_coords(meta.cu_seqlens_q, num_tokens)
+    query_start = meta.context_lens - meta.cu_seqlens_q.diff()  # position of each first new token
+    return meta.block_tables[seq_ids], query_start[seq_ids] + rows + 1
 
 
 def _flash_paged_attention(
@@ -277,8 +296,9 @@ class Attention(nn.Module):
             return _flash_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
                                           self.sliding_window)
         if _use_cpu_decode_kernel(q, meta, self.head_dim):
-            return cpu_kernels.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
-                                                meta.context_lens, self.scale, self.sliding_window)
+            tables, lens = _rows_as_decode(meta, q.shape[0])
+            return cpu_kernels.decode_attention(q, self.k_cache, self.v_cache, tables, lens,
+                                                self.scale, self.sliding_window)
         return _torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
                                       self.sliding_window)
 

@@ -3,9 +3,9 @@ decode_layer.cpp): built once per machine, then loaded.
 
 Upstream: `linear.py` packs every linear weight with `pack_linear_weight` when
 `available(dtype)` and runs the layer through `packed_linear` at every batch size (else
-oneDNN); `attention.py` runs decode steps through `decode_attention`; `norm.py`,
-`activation.py` and `rotary.py` run their elementwise work through `fused_ops.cpp` when
-`fused(x)`; `models/llama.py` runs a decode step's layers through `decode_layer`, which
+oneDNN); `attention.py` runs decode steps and short prefills through `decode_attention`;
+`norm.py`, `activation.py` and `rotary.py` run their elementwise work through `fused_ops.cpp`
+when `fused(x)`; `models/llama.py` runs a decode step's layers through `decode_layer`, which
 calls those same ops from C++. The first shard on a machine compiles them with
 torch.utils.cpp_extension (gcc and ninja, ~15 s on 2 cores; later starts load the cached
 build). Without a compiler or AVX-512 the shard logs one warning and uses the torch paths.

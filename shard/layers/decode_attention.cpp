@@ -1,9 +1,11 @@
 // Decode attention straight from the paged KV cache: one new token per sequence.
 //
 // Built with packed_linear.cpp into one extension (cpu_kernels.py); called by attention.py
-// as torch.ops.tgi_cpu.decode_attention. The torch path gathers every sequence's blocks into
-// a padded copy per layer, then runs SDPA; here each (sequence, KV head) task reads its
-// blocks in place, once, for the `heads / kv_heads` query heads that share them.
+// as torch.ops.tgi_cpu.decode_attention, for decode steps and for the rows of a short
+// prefill, each then a one-token query over its own context. The torch path gathers every
+// sequence's blocks into a padded copy per layer, then runs SDPA; here each (sequence, KV
+// head) task reads its blocks in place, once, for the `heads / kv_heads` query heads that
+// share them.
 // Scores and softmax in float32; the output is rounded once to the query's dtype. Scores are
 // reduced and exponentiated 16 tokens at a time (benchmarks/NOTES.md 8, 11); each cache row
 // is widened once for all the query heads of a pass, and rows are prefetched ahead, since

@@ -336,6 +336,36 @@ def test_decode_kernel_matches_the_torch_path(dtype, window, head_dim, group):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_short_prefills_attend_through_the_decode_kernel(dtype, window, monkeypatch):
+    """Each prefill row as a one-token query over its own context: a fresh prompt, one with
+    a cached prefix, and a decode row in one batch, as the torch path computes them."""
+    from tgi_server.shard import attention
+    from tgi_server.shard.attention import Attention, _torch_paged_attention
+
+    if not cpu_kernels.available(dtype):
+        pytest.skip(f"the CPU kernels do not run {dtype} here")
+    generator = torch.Generator().manual_seed(1)
+    layer = Attention(8, 2, 32, scale=32 ** -0.5, sliding_window=window)
+    layer.k_cache = torch.randn(40, BLOCK_SIZE, 2, 32, generator=generator).to(dtype)
+    layer.v_cache = torch.randn(40, BLOCK_SIZE, 2, 32, generator=generator).to(dtype)
+    tables = torch.randperm(40, generator=generator)[:24].view(3, 8).tolist()
+    meta = AttentionMetadata.from_lists([5, 7, 1], [5, 30, 13], tables, BLOCK_SIZE)
+    q = torch.randn(13, 8, 32, generator=generator).to(dtype)
+    calls, kernel = [], cpu_kernels.decode_attention
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    got = layer._attend_paged(q, meta)
+    want = _torch_paged_attention(q, layer.k_cache, layer.v_cache, meta, layer.scale, window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    assert calls == [1]
+    # Past the longest context it takes, the prefill goes the torch way.
+    monkeypatch.setattr(attention, "CPU_KERNEL_PREFILL_MAX_CONTEXT", 29)
+    torch.testing.assert_close(layer._attend_paged(q, meta), want)
+    assert calls == [1]
+
+
 def test_a_large_cpu_cache_is_zero_and_not_resident_until_written(model_dir):
     from tgi_server.shard import kv_cache
 
