@@ -30,6 +30,7 @@ namespace {
 
 using tgi_simd::exp16;
 using tgi_simd::load16;
+using tgi_simd::tail_mask;
 
 // r[i] = sum of the 16 lanes of v[i]: 15 adds and 30 shuffles for 16 sums, where 16
 // _mm512_reduce_add_ps would cost ~8 dependent instructions each.
@@ -46,10 +47,6 @@ inline __m512 transpose_sum16(const __m512* v) {
                             _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(octs[0], octs[1], 0x88),
                        _mm512_shuffle_f32x4(octs[0], octs[1], 0xDD));
-}
-
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
 }
 
 // One (sequence, KV head) task: its tokens [start, start + n) in the paged cache

@@ -28,6 +28,7 @@ using tgi_simd::exp16;
 using tgi_simd::load16;
 using tgi_simd::round_to;
 using tgi_simd::store16;
+using tgi_simd::tail_mask;
 
 // out = weight * T(r * rsqrt(mean(r^2) + eps)), r = x + residual (residual and x written back
 // when `add`), one row at a time.
@@ -236,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor
       __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       int64_t first_nan = -1;
       for (int64_t c = 0; c < n && first_nan < 0; c += 16) {
-        const __mmask16 mask = n - c >= 16 ? 0xFFFF : __mmask16((1u << (n - c)) - 1);
+        const __mmask16 mask = tail_mask(n - c);
         const __m512 v = _mm512_maskz_loadu_ps(mask, row + c);
         const __mmask16 nans = _mm512_mask_cmp_ps_mask(mask, v, v, _CMP_UNORD_Q);
         if (nans) first_nan = c + __builtin_ctz(nans);
@@ -253,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor
       __m512 sum = _mm512_setzero_ps();
       int64_t first = -1;
       for (int64_t c = 0; c < n; c += 16) {
-        const __mmask16 mask = n - c >= 16 ? 0xFFFF : __mmask16((1u << (n - c)) - 1);
+        const __mmask16 mask = tail_mask(n - c);
         const __m512 v = _mm512_maskz_loadu_ps(mask, row + c);
         if (first < 0) {
           const __mmask16 hit = _mm512_mask_cmp_ps_mask(mask, v, mv, _CMP_EQ_OQ);

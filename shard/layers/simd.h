@@ -15,6 +15,11 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// The lanes of a 16-wide step that lie before the end, `left` elements away.
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 // Round to nearest even, as c10::BFloat16's constructor (and so every torch bfloat16 op).
 inline void store16(c10::BFloat16* p, __m512 v) {
