@@ -120,6 +120,12 @@ class RotaryEmbedding(nn.Module):
         cos_sin = _cos_sin(inv_freq, max_positions, self.scaling)  # [max_positions, head_dim]
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
+    @property
+    def kernel_table(self) -> bool:
+        """Whether the CPU rotary kernel can read `cos_sin_cache` as is: a float32 table for
+        every position (dynamic NTK recomputes it past max_positions)."""
+        return self.params["rope_type"] != "dynamic" and self.cos_sin_cache.dtype == torch.float32
+
     def _cos_sin_for(self, positions: torch.Tensor) -> torch.Tensor:
         if self.params["rope_type"] == "dynamic":
             # NOTE: like transformers, dynamic NTK rescales once the longest sequence of the
@@ -137,8 +143,7 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [num_tokens, heads, D], k [num_tokens, kv_heads, D], positions [num_tokens].
         On CPU q and k are rotated in place (they are views of the fused qkv output)."""
-        if (cpu_kernels.fused(q, 32) and self.params["rope_type"] != "dynamic"
-                and self.cos_sin_cache.dtype == torch.float32
+        if (cpu_kernels.fused(q, 32) and self.kernel_table
                 and q.stride(-1) == 1 and k.stride(-1) == 1
                 and q.stride(1) == q.shape[2] and k.stride(1) == k.shape[2]):
             cpu_kernels.rotary_(q, k, self.cos_sin_cache, positions)

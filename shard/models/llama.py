@@ -168,8 +168,8 @@ class LlamaDecoderLayer(nn.Module):
         dtype, rope, head_dim = packed[0].data.dtype, attn.rotary_emb, attn.attn.head_dim
         tensors = [self.input_layernorm.weight, self.post_attention_layernorm.weight,
                    *(layer.bias for layer in linears if layer.bias is not None)]
-        if (attn.qkv_proj.tp.world_size != 1 or rope.params["rope_type"] == "dynamic"
-                or rope.cos_sin_cache.dtype != torch.float32 or head_dim % 32 or head_dim > 256
+        if (attn.qkv_proj.tp.world_size != 1 or not rope.kernel_table
+                or head_dim % 32 or head_dim > 256
                 or self.input_layernorm.weight.shape[0] % 16 or mlp.gate_up_per_rank % 32
                 or any(w.data.dtype != dtype for w in packed)
                 or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors)):
