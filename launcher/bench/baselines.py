@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tgi_server.launcher.bench.loadgen import Target
-from tgi_server.launcher.bench.servers import free_port, log, running
+from tgi_server.launcher.bench.servers import Served, free_port, log, running
 from tgi_server.launcher.bench.stats import RequestTiming
 from tgi_server.launcher.bench.workloads import Job
 
@@ -45,7 +45,7 @@ class Peer:
 
     name: str
     dtypes: tuple[str, ...]
-    start: Callable[[Path, str, Shape, Path], AbstractContextManager[Target]]
+    start: Callable[[Path, str, Shape, Path], AbstractContextManager[Served]]
     version: str
 
 
@@ -138,15 +138,15 @@ def gguf_for(model: Path, dtype: str) -> Path:
 
 
 @contextmanager
-def _llama_cpp(binary: str, model: Path, dtype: str, shape: Shape, log_path: Path) -> Iterator[Target]:
+def _llama_cpp(binary: str, model: Path, dtype: str, shape: Shape, log_path: Path) -> Iterator[Served]:
     port = free_port()
     slots = shape.max_concurrency
     cmd = [binary, "-m", str(gguf_for(model, dtype)), "--host", "127.0.0.1", "--port", str(port),
            "-t", str(shape.threads), "-tb", str(shape.threads), "-np", str(slots),
            "-c", str(slots * shape.max_len), "-b", "2048", "-ub", "512", "--no-webui"]
     url = f"http://127.0.0.1:{port}"
-    with running(cmd, f"{url}/health", log_path):
-        yield Target(url, api="openai", model="bench", send_token_ids=True)
+    with running(cmd, f"{url}/health", log_path) as proc:
+        yield Served(Target(url, api="openai", model="bench", send_token_ids=True), proc.pid)
 
 
 # ---- vLLM --------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def find_vllm(explicit: str | None) -> tuple[Peer | None, str]:
 
 
 @contextmanager
-def _vllm(python: str, model: Path, dtype: str, shape: Shape, log_path: Path) -> Iterator[Target]:
+def _vllm(python: str, model: Path, dtype: str, shape: Shape, log_path: Path) -> Iterator[Served]:
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
@@ -177,5 +177,5 @@ def _vllm(python: str, model: Path, dtype: str, shape: Shape, log_path: Path) ->
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "4",
                         "VLLM_CPU_OMP_THREADS_BIND": f"0-{shape.threads - 1}"}
     url = f"http://127.0.0.1:{port}"
-    with running(cmd, f"{url}/health", log_path, env=env):
-        yield Target(url, api="openai", model="bench")
+    with running(cmd, f"{url}/health", log_path, env=env) as proc:
+        yield Served(Target(url, api="openai", model="bench"), proc.pid)

@@ -3,9 +3,10 @@
 Upstream: `python -m tgi_server.launcher.bench`. Downstream, in this order (no two systems
 ever run at once; each load waits for the machine to be quiet first):
 1. the machine's roofs (`roofline.py`) and the shard micro-benchmark (`bench_shard.py`);
-2. `tgi-launch` in each dtype, driven over HTTP by `loadgen.py` at each concurrency level;
-3. llama.cpp's server and vLLM when found (`baselines.py`), the same way;
-4. transformers `generate` in this process: one request at a time, or one padded batch.
+2. per dtype, `tgi-launch` and llama.cpp's server and vLLM when found (`baselines.py`), up
+   together, each paused while another is measured, driven over HTTP by `loadgen.py` in
+   turns at each concurrency level;
+3. transformers `generate` in this process: one request at a time, or one padded batch.
 Every request of the run gets a fresh prompt. The report (`report.py`) is printed and written
 with the JSON and the plot to benchmarks/results/.
 """
@@ -19,6 +20,7 @@ import random
 import signal
 import subprocess
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +29,7 @@ from tgi_server.launcher.bench import baselines, loadgen, roofline
 from tgi_server.launcher.bench.baselines import Peer, Shape
 from tgi_server.launcher.bench.output import write_outputs
 from tgi_server.launcher.bench.report import OURS
-from tgi_server.launcher.bench.servers import log, tgi_server, tgi_server_flags
+from tgi_server.launcher.bench.servers import Served, log, tgi_server, tgi_server_flags
 from tgi_server.launcher.bench.stats import (
     LoadResult,
     RequestTiming,
@@ -54,8 +56,8 @@ class Settings:
     block_size: int = 16
     shard_batch_sizes: tuple[int, ...] = (1, 8, 32, 64)
     max_quiet_wait_s: float = 600.0  # before each load, for other processes to go idle
-    # Passes over every system, one after another: ratios are paired within a pass, so a
-    # machine whose speed drifts shows as the spread between rounds (NOTES 30).
+    # Passes over every system: ratios are paired within a pass, so a machine whose speed
+    # drifts shows as the spread between rounds (NOTES 30, 44).
     rounds: int = 1
 
     def num_requests(self, level: int) -> int:
@@ -89,24 +91,18 @@ def _result(system: str, dtype: str, level: int, jobs: list[Job], timings: list[
     return r
 
 
-def run_http(system: str, dtype: str, target: loadgen.Target, jobs: dict[int, list[Job]],
-             warm: Job, s: Settings) -> list[LoadResult]:
-    first = asyncio.run(loadgen.warmup(target, replace(warm, max_new_tokens=8)))
-    log(f"warmup request: {first.num_generated_tokens} tokens, error={first.error}")
-    results = []
-    for level, level_jobs in jobs.items():
-        log(f"{system} {dtype} / concurrency {level}: {len(level_jobs)} requests")
-        wait_until_quiet(s.max_quiet_wait_s, log)
-        before = loadgen.decode_steps(target.url) if system == OURS else None
-        watch = Stopwatch()
-        timings = asyncio.run(loadgen.run_concurrency(target, level_jobs, level,
-                                                      f"{system} {dtype} c={level}"))
-        r = _result(system, dtype, level, level_jobs, timings, watch)
-        if before is not None:
-            after = loadgen.decode_steps(target.url)
-            r = replace(r, server_step_ms=loadgen.mean_step_ms(before, after))
-        results.append(r)
-    return results
+def run_load(system: str, dtype: str, target: loadgen.Target, level: int, jobs: list[Job],
+             s: Settings) -> LoadResult:
+    log(f"{system} {dtype} / concurrency {level}: {len(jobs)} requests")
+    wait_until_quiet(s.max_quiet_wait_s, log)
+    before = loadgen.decode_steps(target.url) if system == OURS else None
+    watch = Stopwatch()
+    timings = asyncio.run(loadgen.run_concurrency(target, jobs, level,
+                                                  f"{system} {dtype} c={level}"))
+    r = _result(system, dtype, level, jobs, timings, watch)
+    if before is not None:
+        r = replace(r, server_step_ms=loadgen.mean_step_ms(before, loadgen.decode_steps(target.url)))
+    return r
 
 
 def run_transformers(model: Path, dtype: str, jobs: dict[int, list[Job]], warm: Job,
@@ -130,24 +126,67 @@ def run_transformers(model: Path, dtype: str, jobs: dict[int, list[Job]], warm: 
 
 # ---- environment ----------------------------------------------------------------------------
 
+def start_http(model: Path, dtype: str, systems: list[str], peers: list[Peer],
+               flags: dict[str, list[str]], warm, s: Settings, tag: str, notes: list[str],
+               stack: ExitStack) -> list[tuple[str, Served]]:
+    """The HTTP systems of `dtype` (ours, then the peers found), each started, warmed up and
+    paused; `stack` stops them. Logs go to RESULTS_DIR/<system>-<tag>-<dtype>.log; a peer that
+    fails is noted and left out, ours failing ends the run."""
+    starts = [(OURS, "server", lambda path: tgi_server(model, flags[dtype], path))
+              ] if OURS in systems else []
+    starts += [(p.name, p.name, lambda path, p=p: p.start(model, dtype, s.shape, path))
+               for p in peers if dtype in p.dtypes]
+    up = []
+    for name, log_name, start in starts:
+        try:
+            with ExitStack() as one:  # stops the server if its warmup fails
+                served = one.enter_context(start(RESULTS_DIR / f"{log_name}-{tag}-{dtype}.log"))
+                first = asyncio.run(loadgen.warmup(served.target, replace(warm(), max_new_tokens=8)))
+                log(f"{name} {dtype} warmup request: {first.num_generated_tokens} tokens, "
+                    f"error={first.error}")
+                served.pause()
+                stack.enter_context(one.pop_all())
+        except Exception as e:  # noqa: BLE001 -- a peer failing is reported, not fatal
+            if name == OURS:
+                raise
+            log(f"{name} {dtype} failed: {e}")
+            notes.append(f"{name} {dtype}: failed: {str(e).splitlines()[0]}")
+            continue
+        up.append((name, served))
+    return up
+
+
 def run_round(model: Path, systems: list[str], peers: list[Peer], flags: dict[str, list[str]],
-              fresh, warm, s: Settings, tag: str, notes: list[str]) -> list[LoadResult]:
-    """Every system once, in order: ours, the peers found, transformers. Logs go to
-    RESULTS_DIR/<system>-<tag>-<dtype>.log; a peer that fails is noted, not fatal."""
+              fresh, warm, s: Settings, tag: str, notes: list[str],
+              turn: int = 0) -> list[LoadResult]:
+    """Every system once. Per dtype the HTTP systems are up together, all paused but the one
+    measured, and take turns at each concurrency level, starting with system `turn` (rounds
+    rotate it): the loads a ratio compares run back to back, where a system's loads used to
+    run minutes apart while this machine's speed drifted by a quarter (NOTES 44). Then
+    transformers."""
     results: list[LoadResult] = []
-    if "tgi-server" in systems:
-        for dtype in s.dtypes:
-            with tgi_server(model, flags[dtype], RESULTS_DIR / f"server-{tag}-{dtype}.log") as url:
-                results += run_http("tgi-server", dtype, loadgen.Target(url), fresh(), warm(), s)
-    for peer in peers:
-        for dtype in (d for d in s.dtypes if d in peer.dtypes):
-            log_path = RESULTS_DIR / f"{peer.name}-{tag}-{dtype}.log"
-            try:
-                with peer.start(model, dtype, s.shape, log_path) as target:
-                    results += run_http(peer.name, dtype, target, fresh(), warm(), s)
-            except Exception as e:  # noqa: BLE001 -- a peer failing is reported, not fatal
-                log(f"{peer.name} {dtype} failed: {e}")
-                notes.append(f"{peer.name} {dtype}: failed: {str(e).splitlines()[0]}")
+    for dtype in s.dtypes:
+        with ExitStack() as stack:
+            up = start_http(model, dtype, systems, peers, flags, warm, s, tag, notes, stack)
+            jobs = {name: fresh() for name, _ in up}
+            first = turn % len(up) if up else 0
+            order = up[first:] + up[:first]
+            for level in s.levels:
+                for name, served in order:
+                    if name not in jobs:  # a peer that failed at an earlier level
+                        continue
+                    served.resume()
+                    try:
+                        results.append(run_load(name, dtype, served.target, level,
+                                                jobs[name][level], s))
+                    except Exception as e:  # noqa: BLE001 -- as in start_http
+                        if name == OURS:
+                            raise
+                        log(f"{name} {dtype} c={level} failed: {e}")
+                        notes.append(f"{name} {dtype} c={level}: failed: {str(e).splitlines()[0]}")
+                        del jobs[name]
+                    finally:
+                        served.pause()
     if "transformers" in systems:
         for dtype in s.dtypes:
             results += run_transformers(model, dtype, fresh(), warm(), s)
@@ -300,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         tag = f"{stamp}-round{rnd + 1}" if s.rounds > 1 else stamp
         suffix = f", round {rnd + 1}" if s.rounds > 1 else ""
         results += [replace(r, round=rnd, label=r.label + suffix)
-                    for r in run_round(model, systems, peers, flags, fresh, warm, s, tag, notes)]
+                    for r in run_round(model, systems, peers, flags, fresh, warm, s, tag, notes,
+                                       turn=rnd)]
 
     write_outputs(RESULTS_DIR / f"bench-{stamp}", args=argv, settings=s, model=model,
                   config=config, roof=roof, shard_rows=shard_rows, results=results,

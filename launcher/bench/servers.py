@@ -1,7 +1,8 @@
 """Servers under test as subprocesses: started in their own session, awaited, always stopped.
 
-Upstream: `compare.py` (tgi-launch) and `baselines.py` (llama.cpp's server, vLLM). Each
-server runs only while it is measured, so no two systems ever share the cores.
+Upstream: `compare.py` (tgi-launch) and `baselines.py` (llama.cpp's server, vLLM). The
+systems of one dtype are up together, but each is paused (its whole process group stopped)
+while another is measured, so no two systems ever share the cores.
 """
 
 import os
@@ -12,10 +13,12 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from tgi_server.launcher.bench.loadgen import Target
 from tgi_server.launcher.bench.stats import descendants, process_table
 
 _T0 = time.monotonic()
@@ -56,6 +59,31 @@ def stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
     proc.wait()
 
 
+@dataclass(frozen=True)
+class Served:
+    """A server under test: where its load goes, and its process, which `pause` stops with
+    all of its descendants (SIGSTOP: threads and timers included) while another system runs."""
+
+    target: Target
+    pid: int
+
+    def pause(self) -> None:
+        signal_tree(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        signal_tree(self.pid, signal.SIGCONT)
+
+
+def signal_tree(pid: int, signum: int) -> None:
+    """`signum` to `pid` and every process under it, parents first (a launcher may start its
+    shards in sessions of their own, out of reach of its process group)."""
+    for each in [pid, *descendants(pid)]:
+        try:
+            os.kill(each, signum)
+        except ProcessLookupError:
+            pass
+
+
 @contextmanager
 def running(cmd: list[str], health_url: str, log_path: Path, env: dict | None = None,
             timeout_s: float = 1200.0) -> Iterator[subprocess.Popen]:
@@ -74,6 +102,7 @@ def running(cmd: list[str], health_url: str, log_path: Path, env: dict | None = 
         log(f"ready: {health_url}")
         yield proc
     finally:
+        signal_tree(proc.pid, signal.SIGCONT)  # a paused server could not act on SIGTERM
         stop(proc)
         log(f"stopped (exit code {proc.returncode})")
 
@@ -95,11 +124,11 @@ def tgi_server_flags(dtype: str, threads: int, max_input_tokens: int, max_new_to
 
 
 @contextmanager
-def tgi_server(model: Path, flags: list[str], log_path: Path) -> Iterator[str]:
-    """`tgi-launch` on a free port; yields its URL."""
+def tgi_server(model: Path, flags: list[str], log_path: Path) -> Iterator[Served]:
+    """`tgi-launch` on a free port."""
     port = free_port()
     cmd = [sys.executable, "-m", "tgi_server.launcher.cli", "--model-id", str(model),
            "--port", str(port), "--hostname", "127.0.0.1", *flags]
     url = f"http://127.0.0.1:{port}"
-    with running(cmd, f"{url}/health", log_path):
-        yield url
+    with running(cmd, f"{url}/health", log_path) as proc:
+        yield Served(Target(url), proc.pid)

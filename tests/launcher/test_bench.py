@@ -250,3 +250,101 @@ def test_machine_info_reads_cpu_cores_and_ram():
     info = output.machine_info()
     assert int(info["cores"]) >= 1
     assert info["ram"].endswith("GiB") and info["cpu"]
+
+
+def test_rounds_take_turns_at_each_level_with_every_other_system_paused(monkeypatch, tmp_path):
+    """Per dtype the HTTP systems are up together; each load runs with only its system
+    resumed, and each round starts the turns one system further on."""
+    events = []
+
+    class FakeServed:
+        def __init__(self, name):
+            self.name, self.target = name, loadgen.Target(f"http://{name}")
+
+        def pause(self):
+            events.append(("pause", self.name))
+
+        def resume(self):
+            events.append(("resume", self.name))
+
+    def start_http(model, dtype, systems, peers, flags, warm, s, tag, notes, stack):
+        return [(n, FakeServed(n)) for n in ("tgi-server", "llama.cpp", "vllm")]
+
+    def run_load(system, dtype, target, level, jobs, s):
+        assert jobs == [f"job-{level}"]
+        events.append(("load", system, dtype, level))
+        if system == "vllm" and level == 8:
+            raise RuntimeError("vllm fell over")
+        return _result(system, f"c={level}", 1.0, dtype)
+
+    monkeypatch.setattr(compare, "start_http", start_http)
+    monkeypatch.setattr(compare, "run_load", run_load)
+    s = replace(compare.Settings(), levels=(1, 8, 32), dtypes=("float32",))
+    notes = []
+    results = compare.run_round(tmp_path, ["tgi-server", "llama.cpp", "vllm"], [], {},
+                                lambda: {lv: [f"job-{lv}"] for lv in s.levels}, lambda: None,
+                                s, "tag", notes, turn=1)
+    loads = [e[1:] for e in events if e[0] == "load"]
+    assert loads == [("llama.cpp", "float32", 1), ("vllm", "float32", 1),
+                     ("tgi-server", "float32", 1), ("llama.cpp", "float32", 8),
+                     ("vllm", "float32", 8), ("tgi-server", "float32", 8),
+                     ("llama.cpp", "float32", 32), ("tgi-server", "float32", 32)]
+    # every load is wrapped in its own system's resume ... pause, the failed one too
+    for i, event in enumerate(events):
+        if event[0] == "load":
+            assert events[i - 1] == ("resume", event[1]) and events[i + 1] == ("pause", event[1])
+    assert [(r.system, r.load) for r in results] == [
+        (e[0], f"c={e[2]}") for e in loads if e != ("vllm", "float32", 8)]
+    assert notes == ["vllm float32 c=8: failed: vllm fell over"]
+
+
+def test_a_paused_server_is_stopped_and_resumed_whole_and_can_still_be_shut_down(tmp_path):
+    """Served.pause stops every process of the server, a child in a session of its own too;
+    leaving `running` continues them first, so the SIGTERM ends the server rather than the
+    SIGKILL after the grace period."""
+    import signal
+    import sys
+    import time
+
+    port = servers.free_port()
+    # a parent that answers /health, and a child in its own session (as tgi-launch's shards)
+    code = ("import http.server, subprocess, sys; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+            "start_new_session=True); "
+            f"http.server.HTTPServer(('127.0.0.1', {port}), "
+            "http.server.SimpleHTTPRequestHandler).serve_forever()")
+
+    def states(root):
+        found = {}
+        for pid in [root, *stats.descendants(root)]:
+            try:
+                found[pid] = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+        return {pid: state for pid, state in found.items() if state != "Z"}
+
+    with servers.running([sys.executable, "-c", code], f"http://127.0.0.1:{port}/",
+                         tmp_path / "server.log") as proc:
+        served = servers.Served(loadgen.Target(f"http://127.0.0.1:{port}"), proc.pid)
+        for _ in range(50):
+            if len(states(proc.pid)) == 2:
+                break
+            time.sleep(0.1)
+        pids = set(states(proc.pid))
+        assert len(pids) == 2
+        served.pause()
+        time.sleep(0.2)
+        assert set(states(proc.pid).values()) == {"T"}
+        served.resume()
+        time.sleep(0.2)
+        assert "T" not in states(proc.pid).values()
+        served.pause()  # left paused: `running` must still shut it down
+    # ended by the SIGTERM (it was continued first), not by the SIGKILL after the grace period
+    assert proc.returncode == -signal.SIGTERM
+    for pid in pids:  # the child too, though it had left the tree when its parent ended
+        state = None
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            pass
+        assert state in (None, "Z")
