@@ -1,7 +1,7 @@
 """Servers under test as subprocesses: started in their own session, awaited, always stopped.
 
 Upstream: `compare.py` (tgi-launch) and `baselines.py` (llama.cpp's server, vLLM). The
-systems of one dtype are up together, but each is paused (its whole process group stopped)
+systems of one dtype are up together, but each is paused (every process of it stopped)
 while another is measured, so no two systems ever share the cores.
 """
 
