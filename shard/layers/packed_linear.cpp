@@ -26,12 +26,15 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <type_traits>
 
 namespace {
 
 constexpr int kBlock = 16;       // output features per block: one float32 vector
+static_assert(kBlock == 16, "a block's last vector is masked with tgi_simd::tail_mask");
 constexpr int kChunkRows = 8;    // rows of x per pass over a tile (8 x 2 accumulators)
 constexpr int64_t kRowBlock = 256;  // rows per walk over the thread's tiles: x's chunk stays in L2
 
@@ -112,7 +115,7 @@ inline void chunk(const T* x, const T* w, const T* bias, T* y, int64_t steps, in
   products<M, NB>(x, steps, w, block_stride, acc, pf);
   for (int b = 0; b < NB; ++b) {
     const int64_t j = (block + b) * kBlock;
-    const __mmask16 mask = n - j >= kBlock ? 0xFFFF : __mmask16((1u << (n - j)) - 1);
+    const __mmask16 mask = tgi_simd::tail_mask(n - j);
     const __m512 bv = bias ? load(bias + j, mask) : _mm512_setzero_ps();
     for (int i = 0; i < M; ++i) store(y + i * n + j, _mm512_add_ps(acc[i][b], bv), mask);
   }

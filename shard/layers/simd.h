@@ -1,4 +1,5 @@
-// AVX-512 helpers shared by the shard's CPU kernels (decode_attention.cpp, fused_ops.cpp).
+// AVX-512 helpers shared by the shard's CPU kernels (decode_attention.cpp, fused_ops.cpp,
+// packed_linear.cpp).
 #pragma once
 
 #include <c10/util/BFloat16.h>
