@@ -126,6 +126,11 @@ def run_transformers(model: Path, dtype: str, jobs: dict[int, list[Job]], warm: 
 
 # ---- environment ----------------------------------------------------------------------------
 
+def _peer_failed(what: str, error: Exception, notes: list[str]) -> None:
+    log(f"{what} failed: {error}")
+    notes.append(f"{what}: failed: {str(error).splitlines()[0]}")
+
+
 def start_http(model: Path, dtype: str, systems: list[str], peers: list[Peer],
                flags: dict[str, list[str]], warm, s: Settings, tag: str, notes: list[str],
                stack: ExitStack) -> list[tuple[str, Served]]:
@@ -149,8 +154,7 @@ def start_http(model: Path, dtype: str, systems: list[str], peers: list[Peer],
         except Exception as e:  # noqa: BLE001 -- a peer failing is reported, not fatal
             if name == OURS:
                 raise
-            log(f"{name} {dtype} failed: {e}")
-            notes.append(f"{name} {dtype}: failed: {str(e).splitlines()[0]}")
+            _peer_failed(f"{name} {dtype}", e, notes)
             continue
         up.append((name, served))
     return up
@@ -182,8 +186,7 @@ def run_round(model: Path, systems: list[str], peers: list[Peer], flags: dict[st
                     except Exception as e:  # noqa: BLE001 -- as in start_http
                         if name == OURS:
                             raise
-                        log(f"{name} {dtype} c={level} failed: {e}")
-                        notes.append(f"{name} {dtype} c={level}: failed: {str(e).splitlines()[0]}")
+                        _peer_failed(f"{name} {dtype} c={level}", e, notes)
                         del jobs[name]
                     finally:
                         served.pause()
