@@ -40,6 +40,7 @@ def make_batch(runner: ModelRunner, batch_size: int, prompt_len: int, max_new: i
         max_new_tokens=[max_new] * n, ignore_eos=[True] * n, top_n_tokens=[0] * n,
         prefill_logprobs=[False] * n,
         sampler=Sampler.build([SamplingParams()] * n, prompts, runner.vocab_size, runner.device),
+        drafters=[None] * n,
     )
 
 

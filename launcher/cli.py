@@ -138,6 +138,13 @@ def tgi_launch(
              "before the router has handled the last one (that overlap hides the round trip "
              "between steps; a request arriving meanwhile waits one more step to start).",
     )] = False,
+    speculate: Annotated[int | None, _opt(
+        "--speculate", env="SPECULATE",
+        help="Draft tokens to verify per request and decode step, copied from what followed "
+             "the last tokens' latest earlier occurrence in the request (n-gram speculation). "
+             "Greedy requests without penalties only; a step drafts only while its rows stay "
+             "cheap (small batches). Default: no speculation.",
+    )] = None,
     api_key: Annotated[str | None, _opt(
         "--api-key", env="API_KEY",
         help="When set, requests need `Authorization: Bearer <key>`.",

@@ -63,6 +63,8 @@ class LaunchConfig:
     waiting_served_ratio: float = 0.3
     enable_prefill_logprobs: bool = False
     disable_lookahead: bool = False
+    # N-gram speculation: draft tokens per request and step (TGI's `--speculate`); None: none.
+    speculate: int | None = None
     api_key: str | None = None
     # OpenAI API: chat template file override; names clients may ask for (default: model id).
     chat_template: str | None = None
@@ -103,6 +105,7 @@ class LaunchConfig:
             num_threads=self.num_threads or default_num_threads(len(self.local_ranks)),
             trust_remote_code=self.trust_remote_code,
             disable_custom_kernels=self.disable_custom_kernels,
+            speculate=self.speculate or 0,
             grpc_port=None if self.grpc_port_base is None else self.grpc_port_base + rank,
         )
 
@@ -156,6 +159,7 @@ def _problems(c: LaunchConfig) -> list[str]:
         (c.waiting_served_ratio >= 0.0, "`waiting_served_ratio` must be >= 0"),
         (c.graceful_termination_timeout >= 0, "`graceful_termination_timeout` must be >= 0"),
         (c.block_size >= 1, "`block_size` must be >= 1"),
+        (c.speculate is None or c.speculate >= 0, "`speculate` must be >= 0"),
         (bool(c.shard_command) and bool(c.router_command), "empty shard or router command"),
         (c.nnodes >= 1 and 0 <= c.node_rank < c.nnodes,
          "`node_rank` must be in [0, `nnodes`)"),

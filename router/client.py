@@ -114,19 +114,25 @@ def cached_batch_to_pb(b: CachedBatch) -> pb.CachedBatch:
                           max_tokens=b.max_tokens, current_tokens=b.current_tokens, ahead=b.ahead)
 
 
-def generation_from_pb(g: pb.Generation) -> Generation:
+def generations_from_pb(g: pb.Generation) -> list[Generation]:
+    """One `Generation` per token of the step, in order: several when speculated drafts were
+    accepted. The prompt tokens go with the first, the finish reason with the last."""
     prefill = None
     if g.HasField("prefill_tokens"):
         prefill = tuple(zip(g.prefill_tokens.ids, g.prefill_tokens.logprobs))
-    top = tuple(zip(g.top_tokens[0].ids, g.top_tokens[0].logprobs)) if g.top_tokens else ()
-    return Generation(
-        request_id=g.request_id,
-        token_id=g.tokens.ids[0],
-        logprob=g.tokens.logprobs[0],
-        top_tokens=top,
-        finish_reason=FINISH_REASONS.get(g.finish_reason),
-        prefill_tokens=prefill,
-    )
+    last = len(g.tokens.ids) - 1
+    return [
+        Generation(
+            request_id=g.request_id,
+            token_id=token_id,
+            logprob=logprob,
+            top_tokens=tuple(zip(g.top_tokens[i].ids, g.top_tokens[i].logprobs))
+            if i < len(g.top_tokens) else (),
+            finish_reason=FINISH_REASONS.get(g.finish_reason) if i == last else None,
+            prefill_tokens=prefill if i == 0 else None,
+        )
+        for i, (token_id, logprob) in enumerate(zip(g.tokens.ids, g.tokens.logprobs))
+    ]
 
 
 def channel_target(url: str) -> str:
@@ -256,7 +262,8 @@ class ShardedClient:
     def _generated(self, responses: list) -> StepResult:
         batches = [cached_batch_from_pb(r.batch) if r.HasField("batch") else None for r in responses]
         batch = self._agree(batches)
-        return StepResult([generation_from_pb(g) for g in responses[0].generations], batch,
+        return StepResult([one for g in responses[0].generations for one in generations_from_pb(g)],
+                          batch,
                           forward_ns=max(r.forward_ns for r in responses),
                           concat_ns=max(r.concat_ns for r in responses))
 

@@ -14,6 +14,7 @@ import torch
 
 from tgi_server.proto import generate_pb2 as pb
 from tgi_server.shard.sampling import Sampler, SamplingParams
+from tgi_server.shard.speculation import NgramDrafter
 
 
 @dataclass(slots=True)
@@ -31,6 +32,8 @@ class Batch:
     top_n_tokens: list[int]
     prefill_logprobs: list[bool]
     sampler: Sampler
+    # Per request: its n-gram drafter when it may speculate (greedy, no penalty), else None.
+    drafters: list[NgramDrafter | None]
     # Requests that finished on the shard (length / eos), waiting for the router's FilterBatch.
     finished: set[int] = field(default_factory=set)
 
@@ -51,6 +54,10 @@ class Batch:
             top_n_tokens=[r.top_n_tokens for r in requests],
             prefill_logprobs=[r.prefill_logprobs for r in requests],
             sampler=Sampler.build(params, prompts, vocab_size, device),
+            # NOTE: a draft is kept when it is the token the model would choose; for a sampling
+            # row that would draw from its seeded generator a different number of times than
+            # without speculation, and a penalty changes with every token of the step.
+            drafters=[None if p.do_sample or p.has_penalty else NgramDrafter() for p in params],
         )
 
     def __len__(self) -> int:
@@ -88,6 +95,7 @@ class Batch:
             top_n_tokens=pick(self.top_n_tokens),
             prefill_logprobs=pick(self.prefill_logprobs),
             sampler=self.sampler.filter(rows),
+            drafters=pick(self.drafters),
             finished=self.finished & keep,
         )
 
@@ -112,6 +120,7 @@ class Batch:
             top_n_tokens=cat("top_n_tokens"),
             prefill_logprobs=cat("prefill_logprobs"),
             sampler=Sampler.concatenate([b.sampler for b in batches]),
+            drafters=cat("drafters"),
             finished=set().union(*(b.finished for b in batches)),
         )
 

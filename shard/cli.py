@@ -122,7 +122,7 @@ def build_service(config: ShardConfig) -> TextGenerationService:
     # the same cores (batch-1 steps measured 1.3-1.5x slower, the CPU ~140% busy, not 200%).
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     model = executor.submit(_load_model, model_dir, dtype, device, tp).result()
-    runner = ModelRunner(model, device, dtype, config.block_size)
+    runner = ModelRunner(model, device, dtype, config.block_size, speculate=config.speculate)
     hf = model.config
     info = pb.InfoResponse(
         model_id=config.model_id,
@@ -135,6 +135,7 @@ def build_service(config: ShardConfig) -> TextGenerationService:
         eos_token_ids=sorted(model.eos_token_ids),
         attention_impl="paged",
         world_size=config.world_size,
+        speculate=config.speculate,
     )
     # NOTE: ranks may run on other machines with their own socket paths, so each one tells the
     # others where it serves; rank 0's ServiceDiscovery hands the list to a router (as TGI).

@@ -29,6 +29,9 @@ class ShardConfig:
     trust_remote_code: bool = False
     # No C++ CPU kernels (cpu_kernels.py): oneDNN, SDPA and torch ops, weights held once.
     disable_custom_kernels: bool = False
+    # Draft tokens a decode step may verify per request, copied from the request's own earlier
+    # tokens (n-gram speculation, shard/speculation.py); 0: none.
+    speculate: int = 0
     # Also serve gRPC over TCP on grpc_host:grpc_port (None: the unix socket only), so a router
     # on another machine can reach this shard (multi-node, `tgi-router --shard-urls host:port`).
     grpc_port: int | None = None

@@ -16,7 +16,8 @@ from tgi_server.proto import generate_pb2 as pb
 from tgi_server.shard.attention import AttentionMetadata, forward_context
 from tgi_server.shard.batch import Batch
 from tgi_server.shard.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
-from tgi_server.shard.sampling import Sampler, SamplingParams
+from tgi_server.shard.sampling import SampleOutput, Sampler, SamplingParams
+from tgi_server.shard.speculation import draft_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +25,12 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class StepOutput:
     request_id: int
-    token_id: int
-    logprob: float
-    top_token_ids: list[int]
-    top_logprobs: list[float]
+    # The step's tokens: one, or several when speculated drafts were accepted (speculation.py).
+    token_ids: list[int]
+    logprobs: list[float]
+    # The top_n_tokens alternatives of each of those tokens, most likely first.
+    top_token_ids: list[list[int]]
+    top_logprobs: list[list[float]]
     finish_reason: int  # pb.FinishReason
     # Prompt tokens and their logprobs (the first is NaN), when prefill_logprobs was asked.
     prefill_token_ids: list[int] | None = None
@@ -48,8 +51,11 @@ class NotEnoughMemoryError(RuntimeError):
 
 
 class ModelRunner:
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int):
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int,
+                 speculate: int = 0):
         self.model = model
+        # Draft tokens a decode step may verify per request (`--speculate`; 0: none).
+        self.speculate = speculate
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -70,10 +76,14 @@ class ModelRunner:
         rows = [t + [0] * (width - len(t)) for t in batch.block_tables]
         return torch.tensor(rows, dtype=torch.int64, device=self.device)  # [batch, max_blocks]
 
-    def _inputs(self, batch: Batch, starts: list[int], ends: list[int]) -> StepInputs:
-        """Inputs for tokens [starts[i], ends[i]) of each request i (ends = context lengths)."""
+    def _inputs(self, batch: Batch, starts: list[int], ends: list[int],
+                tokens: list[list[int]] | None = None) -> StepInputs:
+        """Inputs for positions [starts[i], ends[i]) of each request i (ends = context lengths):
+        its own tokens there, or `tokens[i]` (a decode step's last token and its drafts)."""
         query_lens = [e - s for s, e in zip(starts, ends)]
-        token_ids = [t for ids, s, e in zip(batch.token_ids, starts, ends) for t in ids[s:e]]
+        if tokens is None:
+            tokens = [ids[s:e] for ids, s, e in zip(batch.token_ids, starts, ends)]
+        token_ids = [t for row in tokens for t in row]
         dev = self.device
         if all(n == 1 for n in query_lens):
             # NOTE: decode, one token per sequence: the general gathers below cost ~0.2 ms a
@@ -122,41 +132,84 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, batch: Batch) -> list[StepOutput]:
-        return self._step(batch, self.prepare_decode(batch), is_prefill=False)
+        drafts = self._drafts(batch)
+        if drafts is None:
+            return self._step(batch, self.prepare_decode(batch), is_prefill=False)
+        ends = [len(t) for t in batch.token_ids]
+        inputs = self._inputs(batch, [e - 1 for e in ends],
+                              [e + len(d) for e, d in zip(ends, drafts)],
+                              [[ids[-1], *d] for ids, d in zip(batch.token_ids, drafts)])
+        return self._step(batch, inputs, is_prefill=False, drafts=drafts)
 
-    def _step(self, batch: Batch, inputs: StepInputs, is_prefill: bool) -> list[StepOutput]:
+    def _drafts(self, batch: Batch) -> list[list[int]] | None:
+        """Each request's draft tokens for this step; None when no request has any."""
+        if not self.speculate or not any(batch.drafters):
+            return None
+        remaining = [m - batch.num_generated_tokens(i) for i, m in enumerate(batch.max_new_tokens)]
+        lengths = draft_lengths(self.speculate, self.device.type, len(batch), remaining)
+        drafts = [drafter.propose(ids, k) if drafter is not None and k > 0 else []
+                  for drafter, ids, k in zip(batch.drafters, batch.token_ids, lengths)]
+        return drafts if any(drafts) else None
+
+    def _step(self, batch: Batch, inputs: StepInputs, is_prefill: bool,
+              drafts: list[list[int]] | None = None) -> list[StepOutput]:
         with forward_context(inputs.meta):
             hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
-        # one token per sequence (a decode step): the rows are already the last ones, in order
-        one_each = inputs.meta.max_query_len == 1 and hidden.shape[0] == len(batch)
-        last = hidden if one_each else hidden[inputs.last_token_rows]
-        logits = self.model.compute_logits(last)  # [batch, vocab]
-        sample = batch.sampler(logits, batch.top_n_tokens)
+        if drafts is None:
+            # one token per sequence (a decode step): the rows are already the last ones
+            one_each = inputs.meta.max_query_len == 1 and hidden.shape[0] == len(batch)
+            last = hidden if one_each else hidden[inputs.last_token_rows]
+            logits = self.model.compute_logits(last)  # [batch, vocab]
+            candidates = _rows(batch.sampler(logits, batch.top_n_tokens), batch.top_n_tokens)
+            candidates = [[c] for c in candidates]
+        else:
+            candidates = self._verify(batch, inputs, hidden, drafts)
         prompt_logprobs = self._prompt_logprobs(batch, inputs, hidden) if is_prefill else {}
-        next_ids = sample.next_token_ids.tolist()
-        logprobs = sample.logprobs.tolist()
-        top_ids = sample.top_token_ids.tolist()
-        top_lps = sample.top_logprobs.tolist()
         outputs = []
-        for i, token_id in enumerate(next_ids):
-            batch.num_computed_tokens[i] = len(batch.token_ids[i])
-            batch.token_ids[i].append(token_id)
-            n = batch.top_n_tokens[i]
-            out = StepOutput(
-                request_id=batch.request_ids[i],
-                token_id=token_id,
-                logprob=logprobs[i],
-                top_token_ids=top_ids[i][:n],
-                top_logprobs=top_lps[i][:n],
-                finish_reason=self._finish_reason(batch, i, token_id),
-            )
+        for i, chosen in enumerate(candidates):
+            out = StepOutput(batch.request_ids[i], [], [], [], [], pb.FINISH_REASON_NONE)
+            for j, (token_id, logprob, top_ids, top_lps) in enumerate(chosen):
+                # NOTE: the model's choice after draft j - 1 counts only if that draft was the
+                # model's own choice before it (then its context is the real sequence).
+                if j > 0 and out.token_ids[-1] != drafts[i][j - 1]:
+                    break
+                batch.token_ids[i].append(token_id)
+                out.token_ids.append(token_id)
+                out.logprobs.append(logprob)
+                out.top_token_ids.append(top_ids)
+                out.top_logprobs.append(top_lps)
+                out.finish_reason = self._finish_reason(batch, i, token_id)
+                if out.finish_reason != pb.FINISH_REASON_NONE:
+                    batch.finished.add(out.request_id)
+                    break
+            # k/v is cached for every token but the newest (rejected drafts' slots are
+            # overwritten by the next step)
+            batch.num_computed_tokens[i] = len(batch.token_ids[i]) - 1
             if i in prompt_logprobs:
                 out.prefill_token_ids = batch.token_ids[i][: batch.num_prompt_tokens[i]]
                 out.prefill_logprobs = prompt_logprobs[i]
-            if out.finish_reason != pb.FINISH_REASON_NONE:
-                batch.finished.add(out.request_id)
             outputs.append(out)
         return outputs
+
+    def _verify(self, batch: Batch, inputs: StepInputs, hidden: torch.Tensor,
+                drafts: list[list[int]]) -> list[list[tuple]]:
+        """The model's choice at each row of each request: after its last token (through the
+        batch's sampler, as without drafts), then after each draft (greedy rows only)."""
+        logits = self.model.compute_logits(hidden)  # [num_tokens, vocab]
+        cu = inputs.meta.cu_seqlens_q.tolist()
+        top_n = batch.top_n_tokens
+        first = _rows(batch.sampler(logits[inputs.meta.cu_seqlens_q[:-1]], top_n), top_n)
+        owners = [i for i, d in enumerate(drafts) for _ in d]
+        draft_rows = [cu[i] + 1 + j for i, d in enumerate(drafts) for j in range(len(d))]
+        # NOTE: drafting rows are greedy without penalties (batch.py), so the sampler's copy
+        # for them holds no state that the step would have to carry back.
+        owner_top_n = [top_n[i] for i in owners]
+        after = _rows(batch.sampler.filter(owners)(logits[draft_rows], owner_top_n), owner_top_n)
+        rows, k = [[c] for c in first], 0
+        for i, d in enumerate(drafts):
+            rows[i].extend(after[k:k + len(d)])
+            k += len(d)
+        return rows
 
     def _finish_reason(self, batch: Batch, i: int, token_id: int) -> int:
         if token_id in self.eos_token_ids and not batch.ignore_eos[i]:
@@ -236,8 +289,17 @@ class ModelRunner:
             top_n_tokens=[0] * len(lengths), prefill_logprobs=[False] * len(lengths),
             sampler=Sampler.build([SamplingParams()] * len(lengths), prompts, self.vocab_size,
                                   self.device),
+            drafters=[None] * len(lengths),
         )
         self.prefill(batch)
+
+
+def _rows(sample: SampleOutput, top_n: list[int]) -> list[tuple]:
+    """Per row: (token id, logprob, top_n ids, top_n logprobs) as Python values."""
+    top_ids, top_lps = sample.top_token_ids.tolist(), sample.top_logprobs.tolist()
+    return [(token_id, logprob, top_ids[i][:top_n[i]], top_lps[i][:top_n[i]])
+            for i, (token_id, logprob) in enumerate(zip(sample.next_token_ids.tolist(),
+                                                        sample.logprobs.tolist()))]
 
 
 def available_memory_bytes(device: torch.device) -> int:

@@ -31,11 +31,12 @@ logger = logging.getLogger(__name__)
 def generation_to_pb(out: StepOutput) -> pb.Generation:
     gen = pb.Generation(
         request_id=out.request_id,
-        tokens=pb.Tokens(ids=[out.token_id], logprobs=[out.logprob]),
+        tokens=pb.Tokens(ids=out.token_ids, logprobs=out.logprobs),
         finish_reason=out.finish_reason,
     )
-    if out.top_token_ids:
-        gen.top_tokens.append(pb.Tokens(ids=out.top_token_ids, logprobs=out.top_logprobs))
+    for ids, logprobs in zip(out.top_token_ids, out.top_logprobs):
+        if ids:
+            gen.top_tokens.append(pb.Tokens(ids=ids, logprobs=logprobs))
     if out.prefill_token_ids is not None:
         gen.prefill_tokens.CopyFrom(pb.Tokens(ids=out.prefill_token_ids, logprobs=out.prefill_logprobs))
     return gen

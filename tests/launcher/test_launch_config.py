@@ -90,6 +90,7 @@ def test_flag_beats_env(monkeypatch):
     (["-p", "81"], "port", 81),
     (["--enable-prefill-logprobs"], "enable_prefill_logprobs", True),
     (["--disable-lookahead"], "disable_lookahead", True),
+    (["--speculate", "3"], "speculate", 3),
     (["--shard-command", "python fake.py --x 'a b'"], "shard_command",
      ("python", "fake.py", "--x", "a b")),
 ])
@@ -103,6 +104,7 @@ def test_aliases_and_flags(argv, field, expected):
     (["--num-shard", "0"], "num_shard"),
     (["--dtype", "float8"], "dtype"),
     (["--memory-fraction", "1.5"], "memory_fraction"),
+    (["--speculate", "-1"], "`speculate` must be >= 0"),
     (["--nnodes", "2", "--num-shard", "2"], "needs an explicit `master_port`, the same on every"),
     (["--nnodes", "2", "--num-shard", "3", "--master-port", "1"],
      r"`num_shard` \(3, all nodes together\) must be divisible by `nnodes` \(2\)"),
@@ -134,7 +136,7 @@ def launch_config(**overrides) -> LaunchConfig:
         master_addr="10.0.0.1", master_port=29501, max_input_tokens=1000,
         max_total_tokens=2000, max_batch_prefill_tokens=4000, max_batch_total_tokens=8000,
         max_batch_size=32, waiting_served_ratio=1.5, enable_prefill_logprobs=True,
-        disable_lookahead=True,
+        disable_lookahead=True, speculate=2,
         api_key="k", block_size=32, memory_fraction=0.5, num_threads=3,
         graceful_termination_timeout=7.5), **overrides,
     })
@@ -148,7 +150,7 @@ def test_shard_config_round_trips_through_argv():
     assert config.to_shard_config(1) == ShardConfig(
         model_id="org/model", revision="v2", dtype="bfloat16", device="cpu", rank=1,
         world_size=2, uds_path="/tmp/u", master_addr="10.0.0.1", master_port=29501,
-        block_size=32, memory_fraction=0.5, num_threads=3, trust_remote_code=True,
+        block_size=32, memory_fraction=0.5, num_threads=3, trust_remote_code=True, speculate=2,
     )
     assert config.to_shard_config(1).socket_path == "/tmp/u-1"
 

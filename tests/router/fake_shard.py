@@ -11,7 +11,8 @@ unless `ignore_eos_token`) or `max_new_tokens` (LENGTH), stays in its batch unti
 and the response carries no batch once every request of it finished.
 
 The next token is `(last_token * 31 + 7) % vocab_size` (`next_token`), so tests can predict
-every generation. Every call is recorded in `calls`; anything the real shard would reject or
+every generation. With `tokens_per_step` > 1 a decode step yields that many tokens per request
+(fewer when it finishes), as a speculating shard whose drafts were accepted. Every call is recorded in `calls`; anything the real shard would reject or
 silently corrupt (decoding a finished request, an unknown batch id, overlapping or too few KV
 blocks...) is appended to `violations` and raised as a `ShardError`.
 """
@@ -92,13 +93,15 @@ class FakeShardClient:
 
     def __init__(self, *, vocab_size: int = VOCAB_SIZE,
                  eos_token_ids: tuple[int, ...] = (EOS_TOKEN_ID,), block_size: int = 4,
-                 num_blocks: int = 64, max_position_embeddings: int = 128, delay: float = 0.0):
+                 num_blocks: int = 64, max_position_embeddings: int = 128, delay: float = 0.0,
+                 tokens_per_step: int = 1):
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_position_embeddings = max_position_embeddings
         self.delay = delay
+        self.tokens_per_step = tokens_per_step
         self.before_step: Callable[[str, int], Awaitable[None]] | None = None
         self.health_error: Exception | None = None
         self.batches: dict[int, FakeBatch] = {}
@@ -249,24 +252,29 @@ class FakeShardClient:
     def _generate(self, batch: FakeBatch, prefill: bool):
         generations = []
         for r in batch.requests:
-            token = next_token(r.generated[-1] if r.generated else r.input_ids[-1], self.vocab_size)
-            r.generated.append(token)
-            if token in self.eos_token_ids and not r.ignore_eos:
-                r.finish_reason = FinishReason.EOS_TOKEN
-            elif len(r.generated) >= r.max_new_tokens:
-                r.finish_reason = FinishReason.LENGTH
-            top = tuple(((token + k) % self.vocab_size, logprob(token) - k)
-                        for k in range(r.top_n_tokens))
-            prefill_tokens = None
-            if prefill and r.prefill_logprobs:
-                prefill_tokens = tuple((t, math.nan if i == 0 else -1.0)
-                                       for i, t in enumerate(r.input_ids))
-            generations.append(Generation(r.id, token, logprob(token), top, r.finish_reason,
-                                          prefill_tokens))
+            for i in range(1 if prefill else self.tokens_per_step):
+                if r.finish_reason is not None:
+                    break
+                generations.append(self._token(r, prefill and i == 0))
         if all(r.finish_reason is not None for r in batch.requests):
             return StepResult(generations, None, forward_ns=1000)
         self.batches[batch.id] = batch
         return StepResult(generations, batch.cached(), forward_ns=1000)
+
+    def _token(self, r: FakeRequest, prefill: bool) -> Generation:
+        token = next_token(r.generated[-1] if r.generated else r.input_ids[-1], self.vocab_size)
+        r.generated.append(token)
+        if token in self.eos_token_ids and not r.ignore_eos:
+            r.finish_reason = FinishReason.EOS_TOKEN
+        elif len(r.generated) >= r.max_new_tokens:
+            r.finish_reason = FinishReason.LENGTH
+        top = tuple(((token + k) % self.vocab_size, logprob(token) - k)
+                    for k in range(r.top_n_tokens))
+        prefill_tokens = None
+        if prefill and r.prefill_logprobs:
+            prefill_tokens = tuple((t, math.nan if i == 0 else -1.0)
+                                   for i, t in enumerate(r.input_ids))
+        return Generation(r.id, token, logprob(token), top, r.finish_reason, prefill_tokens)
 
     def _pop(self, batch_id: int) -> FakeBatch:
         batch = self.batches.pop(batch_id, None)

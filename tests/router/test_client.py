@@ -12,7 +12,8 @@ import pytest
 
 from tgi_server.proto import generate_pb2 as pb
 from tgi_server.proto import generate_pb2_grpc as pb_grpc
-from tgi_server.router.client import CachedBatch, ShardedClient, ShardError
+from tgi_server.router.client import CachedBatch, ShardedClient, ShardError, generations_from_pb
+from tgi_server.router.types import FinishReason
 
 
 class ScriptedShard(pb_grpc.TextGenerationServiceServicer):
@@ -133,3 +134,21 @@ async def test_decodes_share_one_stream_until_a_step_fails(shards):
     assert [g.token_id for g in result.generations] == [100]
     assert [s.streams for s in servicers] == [2, 2]
     await client.close()
+
+
+def test_a_generation_of_several_tokens_becomes_one_per_token():
+    g = pb.Generation(
+        request_id=4,
+        prefill_tokens=pb.Tokens(ids=[1, 2], logprobs=[float("nan"), -0.5]),
+        tokens=pb.Tokens(ids=[7, 8, 9], logprobs=[-0.1, -0.2, -0.3]),
+        top_tokens=[pb.Tokens(ids=[7, 3], logprobs=[-0.1, -2.0]),
+                    pb.Tokens(ids=[8, 3], logprobs=[-0.2, -2.5]),
+                    pb.Tokens(ids=[9, 4], logprobs=[-0.3, -3.0])],
+        finish_reason=pb.FINISH_REASON_LENGTH,
+    )
+    ones = generations_from_pb(g)
+    assert [(o.request_id, o.token_id) for o in ones] == [(4, 7), (4, 8), (4, 9)]
+    assert [o.logprob for o in ones] == pytest.approx([-0.1, -0.2, -0.3])
+    assert [[t for t, _ in o.top_tokens] for o in ones] == [[7, 3], [8, 3], [9, 4]]
+    assert [o.finish_reason for o in ones] == [None, None, FinishReason.LENGTH]
+    assert ones[0].prefill_tokens[1] == (2, -0.5) and ones[1].prefill_tokens is None
