@@ -232,13 +232,13 @@ CPU_KERNEL_PREFILL_MAX_CONTEXT = 1024
 def _use_cpu_decode_kernel(q: Tensor, meta: AttentionMetadata, head_dim: int) -> bool:
     # NOTE: it reads each sequence's blocks in place instead of gathering them per layer
     # (benchmarks/NOTES.md); a prefill's rows go through it as one-token queries, each the
-    # last of its own context (`_rows_as_decode`), while the contexts are short.
+    # last of its own context (`rows_as_decode`), while the contexts are short.
     return ((meta.max_query_len == 1 or meta.max_context_len <= CPU_KERNEL_PREFILL_MAX_CONTEXT)
             and q.device.type == "cpu" and head_dim % 16 == 0 and head_dim <= 256
             and cpu_kernels.available(q.dtype))
 
 
-def _rows_as_decode(meta: AttentionMetadata, num_tokens: int) -> tuple[Tensor, Tensor]:
+def rows_as_decode(meta: AttentionMetadata, num_tokens: int) -> tuple[Tensor, Tensor]:
     """(block table, context length) of every query row taken as its own one-token query: row
     j of sequence i sees its sequence's tokens up to and including its own position."""
     if meta.max_query_len == 1:
@@ -296,7 +296,7 @@ class Attention(nn.Module):
             return _flash_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
                                           self.sliding_window)
         if _use_cpu_decode_kernel(q, meta, self.head_dim):
-            tables, lens = _rows_as_decode(meta, q.shape[0])
+            tables, lens = rows_as_decode(meta, q.shape[0])
             return cpu_kernels.decode_attention(q, self.k_cache, self.v_cache, tables, lens,
                                                 self.scale, self.sliding_window)
         return _torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,

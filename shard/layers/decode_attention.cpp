@@ -250,6 +250,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
               v_cache.is_contiguous(), "q and the contiguous caches share one dtype");
   const auto qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 tables");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && lens.numel() == q.size(0),
+              "one block table row and one context length per query row");
   auto out = at::empty_like(qc);
   if (q.scalar_type() == at::kFloat) {
     attend<float>(qc, k_cache, v_cache, tables, lens, scale, window, out);

@@ -511,3 +511,14 @@ def test_fused_decode_layers_give_the_bits_of_the_modules(model_dir, tmp_path, m
         logits = forward(tokens, [1] * len(seqs), lens, positions)
         assert torch.equal(logits, want)
     assert len(calls) == 4 * model.num_layers
+    # A speculative step: a few rows per sequence after its cached tokens (a decode token and
+    # its drafts), each row attending up to its own position.
+    query_lens = [3, 1, 2]
+    tokens = prompts(model.config.vocab_size, query_lens, seed=6)
+    positions = torch.cat([torch.arange(n, n + q) for n, q in zip(lens, query_lens)])
+    lens = [n + q for n, q in zip(lens, query_lens)]
+    monkeypatch.setattr(model.model, "fused_decode", False)
+    want = forward(torch.cat(tokens), query_lens, lens, positions)
+    monkeypatch.setattr(model.model, "fused_decode", True)
+    assert torch.equal(forward(torch.cat(tokens), query_lens, lens, positions), want)
+    assert len(calls) == 5 * model.num_layers

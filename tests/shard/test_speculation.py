@@ -7,6 +7,7 @@ import torch
 from tgi_server.proto import generate_pb2 as pb
 from tgi_server.shard.config import ShardConfig
 from tgi_server.shard.distributed import ParallelState
+from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.model_runner import ModelRunner
 from tgi_server.shard.models import load_model
 from tgi_server.shard.server import TextGenerationService
@@ -51,9 +52,14 @@ def test_draft_lengths_stay_within_the_row_cap_and_the_tokens_left():
     assert draft_lengths(4, "cpu", 1, [1]) == [0]
 
 
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return load_model(model_dir("llama"), torch.float32, torch.device("cpu"), ParallelState())
+@pytest.fixture(scope="module", params=["modules", "packed"])
+def model(request, model_dir):
+    """The layers as modules, or packed as the shard serves them (a step's rows then run
+    through decode_layer, the speculative ones included)."""
+    model = load_model(model_dir("llama"), torch.float32, torch.device("cpu"), ParallelState())
+    if request.param == "packed":
+        pack_linear_weights(model)
+    return model
 
 
 def make_service(model, model_dir, speculate: int) -> TextGenerationService:
