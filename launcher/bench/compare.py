@@ -59,6 +59,9 @@ class Settings:
     # Passes over every system: ratios are paired within a pass, so a machine whose speed
     # drifts shows as the spread between rounds (NOTES 30, 44).
     rounds: int = 1
+    # N-gram speculation, N draft tokens a step, in every system that has it (0: none): ours
+    # `--speculate N`, llama.cpp's and vLLM's own n-gram drafting (baselines.py).
+    speculate: int = 0
 
     def num_requests(self, level: int) -> int:
         return self.num_sequential_requests if level == 1 else level
@@ -260,6 +263,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="run every system's loads this many times, all "
                    "systems once per round, and give each ratio per round and as the median "
                    "(default 1)")
+    p.add_argument("--speculate", type=int, help="n-gram speculation with this many draft "
+                   "tokens a step in every HTTP system that has it (default 0: none)")
     p.add_argument("--max-quiet-wait", type=float, dest="max_quiet_wait_s",
                    help="seconds to wait before each load for other processes to go idle "
                         "(default 600; 0: don't wait)")
@@ -272,6 +277,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides = {
         "size": args.size, "threads": args.threads, "num_sequential_requests": args.requests,
         "max_quiet_wait_s": args.max_quiet_wait_s, "rounds": args.rounds,
+        "speculate": args.speculate,
         "levels": _ints(args.concurrency) if args.concurrency else None,
         "dtypes": tuple(args.dtypes.split(",")) if args.dtypes else None,
         "shard_batch_sizes": (_ints(args.shard_batch_sizes)
@@ -281,14 +287,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return replace(s, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _peers(args: argparse.Namespace, systems: list[str]) -> tuple[list[Peer], list[str]]:
+def _peers(args: argparse.Namespace, systems: list[str],
+           speculate: int = 0) -> tuple[list[Peer], list[str]]:
     peers, notes = [], []
     for name, find, explicit in (("llama.cpp", baselines.find_llama_cpp, args.llama_server),
                                  ("vllm", baselines.find_vllm, args.vllm_python)):
         if name not in systems:
             notes.append(f"{name}: not measured (left out of --systems)")
             continue
-        peer, note = find(explicit)
+        peer, note = find(explicit, speculate)
         notes.append(note)
         if peer is not None:
             peers.append(peer)
@@ -306,8 +313,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
     if s.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1, not {s.rounds}")
+    if s.speculate < 0:
+        raise SystemExit(f"--speculate must be at least 0, not {s.speculate}")
     model = args.model or cached_model(s.size)
-    peers, notes = _peers(args, systems)
+    peers, notes = _peers(args, systems, s.speculate)
+    if s.speculate:
+        notes.append(f"n-gram speculation, {s.speculate} draft tokens a step: tgi-server "
+                     f"--speculate {s.speculate}; {baselines.SPECULATION_NOTE}")
     for note in notes:
         log(note)
     from transformers import AutoTokenizer
@@ -334,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
 
     results: list[LoadResult] = []
     flags = {dtype: tgi_server_flags(dtype, s.threads, s.workload.max_prompt_tokens,
-                                     s.workload.max_new, max(s.levels), s.block_size)
+                                     s.workload.max_new, max(s.levels), s.block_size,
+                                     s.speculate)
              for dtype in s.dtypes if "tgi-server" in systems}
     for rnd in range(s.rounds):
         if s.rounds > 1:

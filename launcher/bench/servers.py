@@ -108,8 +108,9 @@ def running(cmd: list[str], health_url: str, log_path: Path, env: dict | None = 
 
 
 def tgi_server_flags(dtype: str, threads: int, max_input_tokens: int, max_new_tokens: int,
-                     max_concurrency: int, block_size: int = 16) -> list[str]:
-    """tgi-launch flags whose budgets fit `max_concurrency` full requests in one running batch."""
+                     max_concurrency: int, block_size: int = 16, speculate: int = 0) -> list[str]:
+    """tgi-launch flags whose budgets fit `max_concurrency` full requests in one running batch;
+    `speculate` > 0 adds n-gram speculation."""
     per_request = max_input_tokens + max_new_tokens + block_size
     max_input = 2 * max_input_tokens
     prefill = max(max_input, max_concurrency * max_input_tokens)
@@ -120,7 +121,8 @@ def tgi_server_flags(dtype: str, threads: int, max_input_tokens: int, max_new_to
             # NOTE: at least one request of --max-total-tokens, which the router checks.
             "--max-batch-total-tokens", str(max(prefill, max_concurrency * per_request,
                                                 max_input + max_new_tokens + block_size)),
-            "--graceful-termination-timeout", "10"]
+            "--graceful-termination-timeout", "10",
+            *(["--speculate", str(speculate)] if speculate else [])]
 
 
 @contextmanager

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tgi_server.launcher.bench import (
+    baselines,
     compare,
     loadgen,
     output,
@@ -220,6 +221,22 @@ def test_server_flags_fit_every_stream_in_one_batch():
     assert int(values["--max-input-tokens"]) < int(values["--max-total-tokens"])
     one = dict(zip(*[iter(servers.tgi_server_flags("float32", 2, 128, 128, 1))] * 2))
     assert int(one["--max-batch-total-tokens"]) >= int(one["--max-total-tokens"])
+
+
+def test_speculation_is_asked_of_every_system_that_has_it():
+    assert compare.settings_from(compare.parse_args([])).speculate == 0
+    s = compare.settings_from(compare.parse_args(["--speculate", "4"]))
+    assert s.speculate == 4
+    assert "--speculate" not in servers.tgi_server_flags("float32", 2, 128, 128, 32)
+    ours = servers.tgi_server_flags("float32", 2, 128, 128, 32, speculate=4)
+    assert ours[-2:] == ["--speculate", "4"]
+    plain = baselines.llama_cpp_flags(s.shape)
+    drafting = baselines.llama_cpp_flags(s.shape, speculate=4)
+    assert "--spec-type" not in plain
+    assert drafting[:len(plain)] == plain
+    values = dict(zip(drafting[len(plain)::2], drafting[len(plain) + 1::2]))
+    assert values == {"--spec-type": "ngram-map-k", "--spec-ngram-map-k-size-n": "2",
+                      "--spec-ngram-map-k-size-m": "4"}
 
 
 def test_prompts_have_exact_length_and_distinct_first_blocks(model_dir):
