@@ -79,3 +79,14 @@ def test_stream_sends_one_event_per_token(served):
     assert [e["token"]["id"] for e in events] == [t["id"] for t in full["details"]["tokens"]]
     assert "".join(e["token"]["text"] for e in events) == full["generated_text"]
     assert events[-1]["details"]["generated_tokens"] == MAX_NEW_TOKENS
+
+
+def test_two_shards_speculate_alike(model_dir, launch, reference):
+    """Every rank drafts from the same tokens and accepts from the same gathered logits."""
+    with launch(model_dir("llama", "tiny"), *LAUNCH_FLAGS, "--speculate", "4",
+                "--num-shard", "2") as url:
+        result = asyncio.run(_generate_one(url, REPETITIVE))
+        steps = decode_steps(url)
+    got = [t["id"] for t in result["details"]["tokens"]]
+    assert_same_or_near_tie(reference, REPETITIVE, hf_greedy(reference, REPETITIVE), got)
+    assert 0 < steps < MAX_NEW_TOKENS - 1
