@@ -147,8 +147,11 @@ class ModelRunner:
             return None
         remaining = [m - batch.num_generated_tokens(i) for i, m in enumerate(batch.max_new_tokens)]
         lengths = draft_lengths(self.speculate, self.device.type, len(batch), remaining)
-        drafts = [drafter.propose(ids, k) if drafter is not None and k > 0 else []
-                  for drafter, ids, k in zip(batch.drafters, batch.token_ids, lengths)]
+        # NOTE: a row with logits processors (their history would miss the accepted drafts)
+        # does not draft, as sampling and penalized rows do not (batch.py).
+        drafts = [drafter.propose(ids, k) if drafter is not None and k > 0 and not procs else []
+                  for drafter, ids, k, procs in zip(batch.drafters, batch.token_ids, lengths,
+                                                    batch.sampler.processors)]
         return drafts if any(drafts) else None
 
     def _step(self, batch: Batch, inputs: StepInputs, is_prefill: bool,

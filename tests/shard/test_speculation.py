@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from tgi_server.proto import generate_pb2 as pb
+from tgi_server.shard.batch import Batch
 from tgi_server.shard.config import ShardConfig
 from tgi_server.shard.distributed import ParallelState
 from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.model_runner import ModelRunner
 from tgi_server.shard.models import load_model
+from tgi_server.shard.sampling import Sampler, SamplingParams
 from tgi_server.shard.server import TextGenerationService
 from tgi_server.shard.speculation import MAX_ROWS, NgramDrafter, draft_lengths
 
@@ -174,3 +176,18 @@ async def test_a_batch_too_large_to_draft_decodes_one_token_a_step(model, model_
     fast, most = await run(make_service(model, model_dir, 4), big)
     assert most == 1
     assert {rid: v[0] for rid, v in fast.items()} == {rid: v[0] for rid, v in plain.items()}
+
+
+def test_rows_with_logits_processors_do_not_draft(model):
+    runner = ModelRunner(model, torch.device("cpu"), torch.float32, BLOCK_SIZE, speculate=4)
+    prompt = [5, 6, 5, 6, 5]  # 5 was followed by 6: a draft is there to make
+    batch = Batch(
+        batch_id=1, request_ids=[1, 2], token_ids=[list(prompt), list(prompt)],
+        num_prompt_tokens=[5, 5], num_computed_tokens=[4, 4], block_tables=[[0], [1]],
+        max_new_tokens=[10, 10], ignore_eos=[True, True], top_n_tokens=[0, 0],
+        prefill_logprobs=[False, False],
+        sampler=Sampler.build([SamplingParams()] * 2, [prompt, prompt], 512, "cpu",
+                              processors=[[], [lambda ids, logits: logits]]),
+        drafters=[NgramDrafter(), NgramDrafter()],
+    )
+    assert runner._drafts(batch) == [[6, 5], []]  # cut at the sequence end
