@@ -148,7 +148,7 @@ class ModelRunner:
         remaining = [m - batch.num_generated_tokens(i) for i, m in enumerate(batch.max_new_tokens)]
         lengths = draft_lengths(self.speculate, self.device.type, len(batch), remaining)
         # NOTE: a row with logits processors (their history would miss the accepted drafts)
-        # does not draft, as sampling and penalized rows do not (batch.py).
+        # does not draft, as penalized rows do not (batch.py).
         drafts = [drafter.propose(ids, k) if drafter is not None and k > 0 and not procs else []
                   for drafter, ids, k, procs in zip(batch.drafters, batch.token_ids, lengths,
                                                     batch.sampler.processors)]
@@ -196,23 +196,26 @@ class ModelRunner:
 
     def _verify(self, batch: Batch, inputs: StepInputs, hidden: torch.Tensor,
                 drafts: list[list[int]]) -> list[list[tuple]]:
-        """The model's choice at each row of each request: after its last token (through the
-        batch's sampler, as without drafts), then after each draft (greedy rows only)."""
+        """The model's choices along each request's drafts while they hold: after its last
+        token, then after draft j for as long as every draft before j was the choice."""
         logits = self.model.compute_logits(hidden)  # [num_tokens, vocab]
         cu = inputs.meta.cu_seqlens_q.tolist()
         top_n = batch.top_n_tokens
-        first = _rows(batch.sampler(logits[inputs.meta.cu_seqlens_q[:-1]], top_n), top_n)
-        owners = [i for i, d in enumerate(drafts) for _ in d]
-        draft_rows = [cu[i] + 1 + j for i, d in enumerate(drafts) for j in range(len(d))]
-        # NOTE: drafting rows are greedy without penalties (batch.py), so the sampler's copy
-        # for them holds no state that the step would have to carry back.
-        owner_top_n = [top_n[i] for i in owners]
-        after = _rows(batch.sampler.filter(owners)(logits[draft_rows], owner_top_n), owner_top_n)
-        rows, k = [[c] for c in first], 0
-        for i, d in enumerate(drafts):
-            rows[i].extend(after[k:k + len(d)])
-            k += len(d)
-        return rows
+        chosen = [[c] for c in _rows(batch.sampler(logits[cu[:-1]], top_n), top_n)]
+        # NOTE: one choice per position, through the batch's sampler for the requests still on
+        # their drafts: a sampling row draws from its seeded generator once per token it
+        # yields, as without drafts, so a seed gives the same tokens either way. Drafting rows
+        # have no penalty or processor (batch.py, _drafts): the sampler's copies hold no state.
+        live = [i for i, d in enumerate(drafts) if d and chosen[i][0][0] == d[0]]
+        j = 1
+        while live:
+            live_top_n = [top_n[i] for i in live]
+            sample = batch.sampler.filter(live)(logits[[cu[i] + j for i in live]], live_top_n)
+            for i, c in zip(live, _rows(sample, live_top_n)):
+                chosen[i].append(c)
+            live = [i for i in live if j < len(drafts[i]) and chosen[i][j][0] == drafts[i][j]]
+            j += 1
+        return chosen
 
     def _finish_reason(self, batch: Batch, i: int, token_id: int) -> int:
         if token_id in self.eos_token_ids and not batch.ignore_eos[i]:

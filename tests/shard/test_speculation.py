@@ -144,6 +144,7 @@ def oracle_drafter(monkeypatch, plain: dict, batch: pb.Batch, wrong_at: dict[int
     (1, {}, 5),  # every draft right: 4 drafts + the token after them each step
     (1, {10: 2}, 3),  # the third draft wrong: 2 drafts + the model's own third token
     (3, {10: 0}, 2),  # 1 draft each (the row cap); request 10's always wrong, 12's right
+    (2, {10: 0}, 4),  # 3 drafts each; only request 11's, a seeded sampling row's, are right
 ])
 async def test_speculation_gives_the_tokens_of_plain_decoding(
         model, model_dir, monkeypatch, lookahead, size, wrong_at, most):
@@ -155,7 +156,8 @@ async def test_speculation_gives_the_tokens_of_plain_decoding(
     for request in batch.requests:
         ids, lps, tops = fast[request.id]
         plain_ids, plain_lps, plain_tops = plain[request.id]
-        assert ids == plain_ids  # the seeded sampling row (11) too: it never drafts
+        # the seeded sampling row (11) too: it draws once per token it yields
+        assert ids == plain_ids
         assert len(ids) == request.stopping.max_new_tokens
         assert lps == pytest.approx(plain_lps, abs=1e-4)
         assert tops == plain_tops and all(len(t) == 3 for t in tops)
