@@ -142,8 +142,9 @@ def tgi_launch(
         "--speculate", env="SPECULATE",
         help="Draft tokens to verify per request and decode step, copied from what followed "
              "the last tokens' latest earlier occurrence in the request (n-gram speculation). "
-             "Requests without repetition/frequency/presence penalties; a step drafts only "
-             "while its rows stay cheap (small batches). Default: no speculation.",
+             "The tokens are those without speculation (sampling, seeds and penalties "
+             "included); a step drafts only while its rows stay cheap (small batches). "
+             "Default: no speculation.",
     )] = None,
     api_key: Annotated[str | None, _opt(
         "--api-key", env="API_KEY",

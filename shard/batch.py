@@ -32,7 +32,7 @@ class Batch:
     top_n_tokens: list[int]
     prefill_logprobs: list[bool]
     sampler: Sampler
-    # Per request: its n-gram drafter when it may speculate (no penalty), else None.
+    # Per request: its n-gram drafter (None: it never drafts, e.g. in warmup batches).
     drafters: list[NgramDrafter | None]
     # Requests that finished on the shard (length / eos), waiting for the router's FilterBatch.
     finished: set[int] = field(default_factory=set)
@@ -54,9 +54,7 @@ class Batch:
             top_n_tokens=[r.top_n_tokens for r in requests],
             prefill_logprobs=[r.prefill_logprobs for r in requests],
             sampler=Sampler.build(params, prompts, vocab_size, device),
-            # NOTE: a penalty changes with every token of a step, so a penalized row would need
-            # its counts per draft: it does not draft.
-            drafters=[None if p.has_penalty else NgramDrafter() for p in params],
+            drafters=[NgramDrafter() for _ in params],
         )
 
     def __len__(self) -> int:

@@ -148,7 +148,7 @@ class ModelRunner:
         remaining = [m - batch.num_generated_tokens(i) for i, m in enumerate(batch.max_new_tokens)]
         lengths = draft_lengths(self.speculate, self.device.type, len(batch), remaining)
         # NOTE: a row with logits processors (their history would miss the accepted drafts)
-        # does not draft, as penalized rows do not (batch.py).
+        # does not draft.
         drafts = [drafter.propose(ids, k) if drafter is not None and k > 0 and not procs else []
                   for drafter, ids, k, procs in zip(batch.drafters, batch.token_ids, lengths,
                                                     batch.sampler.processors)]
@@ -204,13 +204,16 @@ class ModelRunner:
         chosen = [[c] for c in _rows(batch.sampler(logits[cu[:-1]], top_n), top_n)]
         # NOTE: one choice per position, through the batch's sampler for the requests still on
         # their drafts: a sampling row draws from its seeded generator once per token it
-        # yields, as without drafts, so a seed gives the same tokens either way. Drafting rows
-        # have no penalty or processor (batch.py, _drafts): the sampler's copies hold no state.
+        # yields, and a penalized row's counts hold every token before the position, as
+        # without drafts, so the tokens are the same either way. (A filtered copy counts into
+        # copies of the counts: `record` writes its choices back. Drafting rows have no
+        # processors, `_drafts`.)
         live = [i for i, d in enumerate(drafts) if d and chosen[i][0][0] == d[0]]
         j = 1
         while live:
             live_top_n = [top_n[i] for i in live]
             sample = batch.sampler.filter(live)(logits[[cu[i] + j for i in live]], live_top_n)
+            batch.sampler.record(live, sample.next_token_ids)
             for i, c in zip(live, _rows(sample, live_top_n)):
                 chosen[i].append(c)
             live = [i for i in live if j < len(drafts[i]) and chosen[i][j][0] == drafts[i][j]]

@@ -412,6 +412,21 @@ class Sampler:
                 if history is not None:
                     history.append(token_id)
 
+    def record(self, rows: Sequence[int], next_ids: Tensor) -> None:
+        """Counts `next_ids` [len(rows)], chosen for `rows` by a `filter`ed copy (whose counts
+        are its own), into these rows' penalty counts. Rows must have no processors."""
+        if self.token_counts is None:
+            return
+        penalized = {row: k for k, row in enumerate(
+            i for i, p in enumerate(self.params) if p.has_penalty)}
+        pairs = [(penalized[r], t) for r, t in zip(rows, next_ids.tolist()) if r in penalized]
+        if pairs:
+            counts_rows, ids = zip(*pairs)
+            index = (torch.tensor(counts_rows, device=self.device),
+                     torch.tensor(ids, device=self.device))
+            self.token_counts.index_put_(index, torch.ones(len(pairs), dtype=torch.int32,
+                                                           device=self.device), accumulate=True)
+
     def filter(self, indices: Sequence[int]) -> "Sampler":
         """Keep these rows, in this order."""
         indices = list(indices)

@@ -73,13 +73,15 @@ def make_service(model, model_dir, speculate: int) -> TextGenerationService:
 
 
 def repetitive_batch(size: int = 3, top_n: int = 0, max_new_tokens: int = 40) -> pb.Batch:
-    """Request 11, when there, samples (seeded); the others are greedy."""
+    """Request 11, when there, samples (seeded); 12 is greedy with penalties; 10 is plain."""
     requests = []
     for i in range(size):
         rid = 10 + i
         sampling = pb.SamplingParameters()
         if i == 1:
             sampling = pb.SamplingParameters(do_sample=True, temperature=0.8, top_k=30, seed=rid)
+        if i == 2:
+            sampling = pb.SamplingParameters(repetition_penalty=1.5, frequency_penalty=0.5)
         requests.append(pb.Request(
             id=rid,
             # a phrase said three times: its continuation is worth drafting from the start
@@ -143,7 +145,8 @@ def oracle_drafter(monkeypatch, plain: dict, batch: pb.Batch, wrong_at: dict[int
 @pytest.mark.parametrize("size, wrong_at, most", [
     (1, {}, 5),  # every draft right: 4 drafts + the token after them each step
     (1, {10: 2}, 3),  # the third draft wrong: 2 drafts + the model's own third token
-    (3, {10: 0}, 2),  # 1 draft each (the row cap); request 10's always wrong, 12's right
+    (3, {10: 0}, 2),  # 1 draft each (the row cap); request 10's always wrong, 12's
+    # (penalized) right
     (2, {10: 0}, 4),  # 3 drafts each; only request 11's, a seeded sampling row's, are right
 ])
 async def test_speculation_gives_the_tokens_of_plain_decoding(
