@@ -177,6 +177,9 @@ class Batcher:
             m.batch_concat_duration.labels(method).observe(result.concat_ns / 1e9)
         m.batch_inference_success.inc(method=method)
         for generation in result.generations:
+            if generation.drafted:
+                m.speculation_draft_tokens.inc(generation.drafted)
+                m.speculation_accepted_tokens.inc(generation.accepted)
             self._dispatch(generation)
         return await self._filter(result.batch)
 

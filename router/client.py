@@ -48,6 +48,10 @@ class Generation:
     finish_reason: FinishReason | None
     # (id, logprob) of each prompt token, on prefill when decoder_input_details was asked.
     prefill_tokens: tuple[tuple[int, float], ...] | None
+    # On a step's first token: the drafts the step verified for the request, and how many of
+    # them it accepted (the step's other tokens). Speculation only.
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,8 @@ def generations_from_pb(g: pb.Generation) -> list[Generation]:
             if i < len(g.top_tokens) else (),
             finish_reason=FINISH_REASONS.get(g.finish_reason) if i == last else None,
             prefill_tokens=prefill if i == 0 else None,
+            drafted=g.drafted if i == 0 else 0,
+            accepted=last if i == 0 else 0,
         )
         for i, (token_id, logprob) in enumerate(zip(g.tokens.ids, g.tokens.logprobs))
     ]

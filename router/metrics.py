@@ -64,6 +64,11 @@ class Metrics:
         self.batch_inference_success = counter("tgi_batch_inference_success", "Successful inference calls", ("method",))
         self.batch_inference_failure = counter("tgi_batch_inference_failure", "Failed inference calls", ("method",))
         self.batch_concat = counter("tgi_batch_concat", "New batches joined to a running one", ("reason",))
+        # Not TGI's: how well `--speculate` pays (accepted / draft is the acceptance rate).
+        self.speculation_draft_tokens = counter(
+            "tgi_speculation_draft_tokens", "Draft tokens the shards verified (--speculate)")
+        self.speculation_accepted_tokens = counter(
+            "tgi_speculation_accepted_tokens", "Draft tokens the shards accepted (--speculate)")
 
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting in the queue", registry=r)
         self.batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=r)

@@ -32,6 +32,8 @@ class StepOutput:
     top_token_ids: list[list[int]]
     top_logprobs: list[list[float]]
     finish_reason: int  # pb.FinishReason
+    # Draft tokens the step verified for this request (speculation).
+    drafted: int = 0
     # Prompt tokens and their logprobs (the first is NaN), when prefill_logprobs was asked.
     prefill_token_ids: list[int] | None = None
     prefill_logprobs: list[float] | None = None
@@ -170,7 +172,8 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(batch, inputs, hidden) if is_prefill else {}
         outputs = []
         for i, chosen in enumerate(candidates):
-            out = StepOutput(batch.request_ids[i], [], [], [], [], pb.FINISH_REASON_NONE)
+            out = StepOutput(batch.request_ids[i], [], [], [], [], pb.FINISH_REASON_NONE,
+                             drafted=len(drafts[i]) if drafts else 0)
             for j, (token_id, logprob, top_ids, top_lps) in enumerate(chosen):
                 # NOTE: the model's choice after draft j - 1 counts only if that draft was the
                 # model's own choice before it (then its context is the real sequence).

@@ -33,6 +33,7 @@ def generation_to_pb(out: StepOutput) -> pb.Generation:
         request_id=out.request_id,
         tokens=pb.Tokens(ids=out.token_ids, logprobs=out.logprobs),
         finish_reason=out.finish_reason,
+        drafted=out.drafted,
     )
     for ids, logprobs in zip(out.top_token_ids, out.top_logprobs):
         if ids:

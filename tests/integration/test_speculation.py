@@ -29,17 +29,22 @@ def served(model_dir, launch):
         yield path, url
 
 
-def decode_steps(url: str) -> float:
-    """Decode calls so far (0 before the first: the series appears with it)."""
+def metric(url: str, series: str) -> float:
+    """A series' value in /metrics (0 before it appears)."""
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith('tgi_batch_inference_count{method="decode"}'):
+        if line.startswith(series + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def decode_steps(url: str) -> float:
+    return metric(url, 'tgi_batch_inference_count{method="decode"}')
 
 
 def test_a_repetitive_answer_takes_fewer_steps_and_the_same_tokens(served, reference):
     _, url = served
     before = decode_steps(url)
+    drafted, accepted = (metric(url, f"tgi_speculation_{k}_tokens") for k in ("draft", "accepted"))
     result = asyncio.run(_generate_one(url, REPETITIVE))
     got = [t["id"] for t in result["details"]["tokens"]]
     assert got == hf_greedy(reference, REPETITIVE)
@@ -47,6 +52,10 @@ def test_a_repetitive_answer_takes_fewer_steps_and_the_same_tokens(served, refer
     # one token from the prefill, the rest from decode steps of 1 to 5 tokens
     steps = decode_steps(url) - before
     assert 0 < steps < MAX_NEW_TOKENS - 1
+    # every token past the prefill's came from a step: one each, plus the accepted drafts
+    accepted = metric(url, "tgi_speculation_accepted_tokens") - accepted
+    assert accepted == MAX_NEW_TOKENS - 1 - steps
+    assert accepted <= metric(url, "tgi_speculation_draft_tokens") - drafted
 
 
 async def _generate_one(url: str, prompt: str) -> dict:

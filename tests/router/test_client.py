@@ -145,8 +145,10 @@ def test_a_generation_of_several_tokens_becomes_one_per_token():
                     pb.Tokens(ids=[8, 3], logprobs=[-0.2, -2.5]),
                     pb.Tokens(ids=[9, 4], logprobs=[-0.3, -3.0])],
         finish_reason=pb.FINISH_REASON_LENGTH,
+        drafted=4,
     )
     ones = generations_from_pb(g)
+    assert [(o.drafted, o.accepted) for o in ones] == [(4, 2), (0, 0), (0, 0)]
     assert [(o.request_id, o.token_id) for o in ones] == [(4, 7), (4, 8), (4, 9)]
     assert [o.logprob for o in ones] == pytest.approx([-0.1, -0.2, -0.3])
     assert [[t for t, _ in o.top_tokens] for o in ones] == [[7, 3], [8, 3], [9, 4]]

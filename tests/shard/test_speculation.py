@@ -99,6 +99,7 @@ async def run(service, batch: pb.Batch, lookahead: bool = False):
     """Every request's tokens, logprobs and top tokens, and the most tokens one step gave."""
     out = {r.id: ([], [], []) for r in batch.requests}
     most = 0
+    service.drafted = service.accepted = 0
     response = await service.Prefill(pb.PrefillRequest(batch=batch), None)
     while True:
         for g in response.generations:
@@ -107,6 +108,9 @@ async def run(service, batch: pb.Batch, lookahead: bool = False):
             lps += g.tokens.logprobs
             tops += [list(t.ids) for t in g.top_tokens]
             most = max(most, len(g.tokens.ids))
+            assert len(g.tokens.ids) - 1 <= g.drafted
+            service.drafted += g.drafted
+            service.accepted += len(g.tokens.ids) - 1
             if g.finish_reason:
                 assert g.finish_reason == pb.FINISH_REASON_LENGTH
         if not response.HasField("batch"):
@@ -152,10 +156,14 @@ def oracle_drafter(monkeypatch, plain: dict, batch: pb.Batch, wrong_at: dict[int
 async def test_speculation_gives_the_tokens_of_plain_decoding(
         model, model_dir, monkeypatch, lookahead, size, wrong_at, most):
     batch = repetitive_batch(size, top_n=3)
-    plain, plain_most = await run(make_service(model, model_dir, 0), batch, lookahead)
+    plain_service, fast_service = make_service(model, model_dir, 0), make_service(model, model_dir, 4)
+    plain, plain_most = await run(plain_service, batch, lookahead)
     oracle_drafter(monkeypatch, plain, batch, wrong_at)
-    fast, fast_most = await run(make_service(model, model_dir, 4), batch, lookahead)
+    fast, fast_most = await run(fast_service, batch, lookahead)
     assert (plain_most, fast_most) == (1, most)
+    assert plain_service.drafted == 0
+    assert 0 < fast_service.accepted < fast_service.drafted or (
+        not wrong_at and fast_service.accepted == fast_service.drafted > 0)
     for request in batch.requests:
         ids, lps, tops = fast[request.id]
         plain_ids, plain_lps, plain_tops = plain[request.id]
