@@ -104,8 +104,9 @@ def run(args: argparse.Namespace) -> list[LoadResult]:
             concurrency=int(value) if kind == "concurrency" else None,
             request_rate=value if kind == "rate" else None))
         if before is not None:
-            step_ms = loadgen.mean_step_ms(before, loadgen.decode_steps(args.url))
-            results[-1] = replace(results[-1], server_step_ms=step_ms)
+            after = loadgen.decode_steps(args.url)
+            results[-1] = replace(results[-1], server_step_ms=loadgen.mean_step_ms(before, after),
+                                  draft_acceptance=loadgen.draft_acceptance(before, after))
         log(report.format_row(results[-1]))
     return results
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run(args)
     else:
         raise SystemExit("tgi-bench: give --url (or --merge)")
-    overhead = report.router_overhead(results, [])
+    overhead = report.router_overhead(results, []) + report.draft_acceptance(results)
     table = "\n".join([report.format_table(results), *(["", *overhead] if overhead else [])])
     print(table)
     prefix.with_suffix(".md").write_text(table + "\n")

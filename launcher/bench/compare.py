@@ -104,7 +104,9 @@ def run_load(system: str, dtype: str, target: loadgen.Target, level: int, jobs: 
                                                   f"{system} {dtype} c={level}"))
     r = _result(system, dtype, level, jobs, timings, watch)
     if before is not None:
-        r = replace(r, server_step_ms=loadgen.mean_step_ms(before, loadgen.decode_steps(target.url)))
+        after = loadgen.decode_steps(target.url)
+        r = replace(r, server_step_ms=loadgen.mean_step_ms(before, after),
+                    draft_acceptance=loadgen.draft_acceptance(before, after))
     return r
 
 

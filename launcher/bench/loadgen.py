@@ -17,6 +17,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -209,8 +210,17 @@ async def warmup(target: Target, job: Job, transport=None) -> RequestTiming:
         return await send(client, target, job, [])
 
 
-def decode_steps(url: str) -> tuple[float, float] | None:
-    """(seconds, count) of the decode steps the server's shards ran so far, from its /metrics
+class ServerSteps(NamedTuple):
+    """A server's decode-step counters so far, from its /metrics."""
+
+    seconds: float  # tgi_batch_forward_duration{method="decode"} sum
+    count: float  # ... and count
+    drafted: float = 0.0  # tgi_speculation_draft_tokens (tgi-server --speculate)
+    accepted: float = 0.0  # tgi_speculation_accepted_tokens
+
+
+def decode_steps(url: str) -> ServerSteps | None:
+    """The decode steps the server's shards ran so far, from its /metrics
     (`tgi_batch_forward_duration{method="decode"}`: tgi-server and TGI); None when it has none."""
     try:
         response = httpx.get(f"{url}/metrics", timeout=10)
@@ -219,9 +229,12 @@ def decode_steps(url: str) -> tuple[float, float] | None:
         return None
 
 
-def parse_decode_steps(text: str) -> tuple[float, float] | None:
+def parse_decode_steps(text: str) -> ServerSteps | None:
     total = count = None
+    speculation = {"tgi_speculation_draft_tokens": 0.0, "tgi_speculation_accepted_tokens": 0.0}
     for family in text_string_to_metric_families(text):
+        if family.name in speculation:
+            speculation[family.name] = sum(sample.value for sample in family.samples)
         if family.name != "tgi_batch_forward_duration":
             continue
         for sample in family.samples:
@@ -230,7 +243,16 @@ def parse_decode_steps(text: str) -> tuple[float, float] | None:
                     total = sample.value
                 elif sample.name.endswith("_count"):
                     count = sample.value
-    return None if total is None or count is None else (total, count)
+    if total is None or count is None:
+        return None
+    return ServerSteps(total, count, *speculation.values())
+
+
+def draft_acceptance(before: ServerSteps | None, after: ServerSteps | None) -> float:
+    """Accepted drafts over drafts verified between two readings; NaN when none was drafted."""
+    if before is None or after is None or after.drafted <= before.drafted:
+        return math.nan
+    return (after.accepted - before.accepted) / (after.drafted - before.drafted)
 
 
 def mean_step_ms(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float:

@@ -91,6 +91,8 @@ def write_outputs(prefix: Path, *, args, settings, model: Path, config: dict, ro
     # longer the router's cost per step.
     overhead = [] if settings.speculate else report.router_overhead(results, shard_rows)
     lines += [*overhead, ""] if overhead else []
+    acceptance = report.draft_acceptance(results)
+    lines += [*acceptance, ""] if acceptance else []
     title = f"{model.name}: {settings.workload.describe()}, {settings.threads} threads"
     lines.append(report.write_plot(results, prefix.with_suffix(".png"), title))
     text = "\n".join(lines)

@@ -156,6 +156,19 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
         if lines else []
 
 
+def draft_acceptance(results: list[LoadResult]) -> list[str]:
+    """The share of drafts tgi-server accepted in each load where it speculated (its /metrics)."""
+    multi_round = num_rounds(results) > 1
+    lines = []
+    for r in results:
+        if math.isnan(r.draft_acceptance):
+            continue
+        name = r.load if r.dtype == "-" else f"{r.dtype} {r.load}"
+        name += f" (round {r.round + 1})" if multi_round else ""
+        lines.append(f"- {name}: {100 * r.draft_acceptance:.0f}%")
+    return ["drafts accepted (tgi-server --speculate):", *lines] if lines else []
+
+
 def write_plot(results: list[LoadResult], path: Path, title: str) -> str:
     """Output tok/s against ITL p50, one line per (system, dtype) and round, one point per
     load."""

@@ -52,6 +52,8 @@ class LoadResult:
     # tgi-server: its shards' mean decode step during this load, from its /metrics
     # (tgi_batch_forward_duration), so the router's share of the ITL is read in one window.
     server_step_ms: float = math.nan
+    # tgi-server with --speculate: accepted drafts over drafts verified during the load.
+    draft_acceptance: float = math.nan
     # Which pass over the systems this load belongs to (`make bench --rounds`), from 0:
     # ratios pair systems within a round.
     round: int = 0

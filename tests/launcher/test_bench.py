@@ -164,7 +164,15 @@ def test_decode_steps_are_read_from_the_routers_metrics():
         metrics.batch_forward_duration.labels("decode").observe(seconds)
     metrics.batch_forward_duration.labels("prefill").observe(1.0)
     after = loadgen.parse_decode_steps(metrics.render().decode())
-    assert after == (pytest.approx(0.050), 2)
+    assert after == (pytest.approx(0.050), 2, 0, 0)
+    assert math.isnan(loadgen.draft_acceptance(before, after))  # no speculation
+    metrics.speculation_draft_tokens.inc(8)
+    metrics.speculation_accepted_tokens.inc(3)
+    drafting = loadgen.parse_decode_steps(metrics.render().decode())
+    assert loadgen.draft_acceptance(after, drafting) == pytest.approx(3 / 8)
+    assert report.draft_acceptance([replace(_result("tgi-server", "c=1", 10.0),
+                                            draft_acceptance=3 / 8)]) == [
+        "drafts accepted (tgi-server --speculate):", "- float32 c=1: 38%"]
     assert loadgen.mean_step_ms((0.010, 1), after) == pytest.approx(40.0)
     assert math.isnan(loadgen.mean_step_ms(after, after))  # no step in between
     assert math.isnan(loadgen.mean_step_ms(before, after))  # a server without the metric
