@@ -47,7 +47,7 @@ def test_a_repetitive_answer_takes_fewer_steps_and_the_same_tokens(served, refer
     drafted, accepted = (metric(url, f"tgi_speculation_{k}_tokens") for k in ("draft", "accepted"))
     result = asyncio.run(_generate_one(url, REPETITIVE))
     got = [t["id"] for t in result["details"]["tokens"]]
-    assert got == hf_greedy(reference, REPETITIVE)
+    assert_same_or_near_tie(reference, REPETITIVE, hf_greedy(reference, REPETITIVE), got)
     assert len(got) == result["details"]["generated_tokens"] == MAX_NEW_TOKENS
     # one token from the prefill, the rest from decode steps of 1 to 5 tokens
     steps = decode_steps(url) - before
