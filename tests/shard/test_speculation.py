@@ -1,6 +1,8 @@
 """N-gram speculation: the drafter, the per-step draft budget, and a speculating shard's tokens
 against the same shard without speculation (tokens, logprobs, lengths, lookahead)."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -95,22 +97,30 @@ def repetitive_batch(size: int = 3, top_n: int = 0, max_new_tokens: int = 40) ->
     return pb.Batch(id=1, requests=requests)
 
 
-async def run(service, batch: pb.Batch, lookahead: bool = False):
-    """Every request's tokens, logprobs and top tokens, and the most tokens one step gave."""
-    out = {r.id: ([], [], []) for r in batch.requests}
-    most = 0
-    service.drafted = service.accepted = 0
+@dataclass
+class Run:
+    """Every request's (tokens, logprobs, top tokens); the most tokens one step gave; the drafts
+    verified and accepted."""
+
+    tokens: dict[int, tuple[list, list, list]]
+    most: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
+async def run(service, batch: pb.Batch, lookahead: bool = False) -> Run:
+    result = Run({r.id: ([], [], []) for r in batch.requests})
     response = await service.Prefill(pb.PrefillRequest(batch=batch), None)
     while True:
         for g in response.generations:
-            ids, lps, tops = out[g.request_id]
+            ids, lps, tops = result.tokens[g.request_id]
             ids += g.tokens.ids
             lps += g.tokens.logprobs
             tops += [list(t.ids) for t in g.top_tokens]
-            most = max(most, len(g.tokens.ids))
+            result.most = max(result.most, len(g.tokens.ids))
             assert len(g.tokens.ids) - 1 <= g.drafted
-            service.drafted += g.drafted
-            service.accepted += len(g.tokens.ids) - 1
+            result.drafted += g.drafted
+            result.accepted += len(g.tokens.ids) - 1
             if g.finish_reason:
                 assert g.finish_reason == pb.FINISH_REASON_LENGTH
         if not response.HasField("batch"):
@@ -124,7 +134,7 @@ async def run(service, batch: pb.Batch, lookahead: bool = False):
         response = await service.Decode(pb.DecodeRequest(batches=[cached], lookahead=lookahead),
                                         None)
     assert not service.cache and not service.ahead
-    return out, most
+    return result
 
 
 def oracle_drafter(monkeypatch, plain: dict, batch: pb.Batch, wrong_at: dict[int, int]):
@@ -156,17 +166,15 @@ def oracle_drafter(monkeypatch, plain: dict, batch: pb.Batch, wrong_at: dict[int
 async def test_speculation_gives_the_tokens_of_plain_decoding(
         model, model_dir, monkeypatch, lookahead, size, wrong_at, most):
     batch = repetitive_batch(size, top_n=3)
-    plain_service, fast_service = make_service(model, model_dir, 0), make_service(model, model_dir, 4)
-    plain, plain_most = await run(plain_service, batch, lookahead)
-    oracle_drafter(monkeypatch, plain, batch, wrong_at)
-    fast, fast_most = await run(fast_service, batch, lookahead)
-    assert (plain_most, fast_most) == (1, most)
-    assert plain_service.drafted == 0
-    assert 0 < fast_service.accepted < fast_service.drafted or (
-        not wrong_at and fast_service.accepted == fast_service.drafted > 0)
+    plain = await run(make_service(model, model_dir, 0), batch, lookahead)
+    oracle_drafter(monkeypatch, plain.tokens, batch, wrong_at)
+    fast = await run(make_service(model, model_dir, 4), batch, lookahead)
+    assert (plain.most, fast.most) == (1, most)
+    assert plain.drafted == 0
+    assert 0 < fast.accepted < fast.drafted or (not wrong_at and fast.accepted == fast.drafted > 0)
     for request in batch.requests:
-        ids, lps, tops = fast[request.id]
-        plain_ids, plain_lps, plain_tops = plain[request.id]
+        ids, lps, tops = fast.tokens[request.id]
+        plain_ids, plain_lps, plain_tops = plain.tokens[request.id]
         # the seeded sampling row (11) too: it draws once per token it yields
         assert ids == plain_ids
         assert len(ids) == request.stopping.max_new_tokens
@@ -184,11 +192,12 @@ async def test_a_batch_too_large_to_draft_decodes_one_token_a_step(model, model_
         extra.block_ids[:] = [(30 + k) * BLOCKS_PER_REQUEST + b for b in range(BLOCKS_PER_REQUEST)]
         requests.append(extra)
     big = pb.Batch(id=2, requests=requests)
-    plain, _ = await run(make_service(model, model_dir, 0), big)
-    oracle_drafter(monkeypatch, plain, big, {})  # drafts that would all be right
-    fast, most = await run(make_service(model, model_dir, 4), big)
-    assert most == 1
-    assert {rid: v[0] for rid, v in fast.items()} == {rid: v[0] for rid, v in plain.items()}
+    plain = await run(make_service(model, model_dir, 0), big)
+    oracle_drafter(monkeypatch, plain.tokens, big, {})  # drafts that would all be right
+    fast = await run(make_service(model, model_dir, 4), big)
+    assert (fast.most, fast.drafted) == (1, 0)
+    assert {rid: v[0] for rid, v in fast.tokens.items()} == {
+        rid: v[0] for rid, v in plain.tokens.items()}
 
 
 def test_rows_with_logits_processors_do_not_draft(model):
