@@ -13,7 +13,7 @@ capped (`MAX_ROWS`), and a large batch does not speculate at all.
 
 # NOTE: rows a decode step may take with its drafts. On CPU the linears cost the same from 1 to
 # ~8 rows (the packed kernel is bound by the weights' bytes there, benchmarks/NOTES.md 25); a
-# GPU's step stays bound by memory for many more rows.
+# GPU's step stays bound by memory for many more rows (64 is a guess: no GPU has measured it).
 MAX_ROWS = {"cpu": 8, "cuda": 64}
 MAX_NGRAM = 3
 
