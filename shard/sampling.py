@@ -417,9 +417,8 @@ class Sampler:
         are its own), into these rows' penalty counts. Rows must have no processors."""
         if self.token_counts is None:
             return
-        penalized = {row: k for k, row in enumerate(
-            i for i, p in enumerate(self.params) if p.has_penalty)}
-        pairs = [(penalized[r], t) for r, t in zip(rows, next_ids.tolist()) if r in penalized]
+        count_row = self._count_rows()
+        pairs = [(count_row[r], t) for r, t in zip(rows, next_ids.tolist()) if r in count_row]
         if pairs:
             counts_rows, ids = zip(*pairs)
             index = (torch.tensor(counts_rows, device=self.device),
@@ -427,12 +426,16 @@ class Sampler:
             self.token_counts.index_put_(index, torch.ones(len(pairs), dtype=torch.int32,
                                                            device=self.device), accumulate=True)
 
+    def _count_rows(self) -> dict[int, int]:
+        """Batch row -> its `token_counts` row, for the rows with a penalty."""
+        penalized = (i for i, p in enumerate(self.params) if p.has_penalty)
+        return {row: k for k, row in enumerate(penalized)}
+
     def filter(self, indices: Sequence[int]) -> "Sampler":
         """Keep these rows, in this order."""
         indices = list(indices)
         params = [self.params[i] for i in indices]
-        penalized = [i for i, p in enumerate(self.params) if p.has_penalty]
-        count_row = {row: k for k, row in enumerate(penalized)}  # batch row -> token_counts row
+        count_row = self._count_rows()
         kept = [count_row[i] for i in indices if i in count_row]
         counts = self.token_counts[torch.tensor(kept, device=self.device)] if kept else None
         return Sampler(
