@@ -174,11 +174,9 @@ class ModelRunner:
         for i, chosen in enumerate(candidates):
             out = StepOutput(batch.request_ids[i], [], [], [], [], pb.FINISH_REASON_NONE,
                              drafted=len(drafts[i]) if drafts else 0)
-            for j, (token_id, logprob, top_ids, top_lps) in enumerate(chosen):
-                # NOTE: the model's choice after draft j - 1 counts only if that draft was the
-                # model's own choice before it (then its context is the real sequence).
-                if j > 0 and out.token_ids[-1] != drafts[i][j - 1]:
-                    break
+            # `chosen`: the step's token, then (`_verify`) the choice after each draft that
+            # was the model's own choice before it, up to the first that was not
+            for token_id, logprob, top_ids, top_lps in chosen:
                 batch.token_ids[i].append(token_id)
                 out.token_ids.append(token_id)
                 out.logprobs.append(logprob)
@@ -200,7 +198,8 @@ class ModelRunner:
     def _verify(self, batch: Batch, inputs: StepInputs, hidden: torch.Tensor,
                 drafts: list[list[int]]) -> list[list[tuple]]:
         """The model's choices along each request's drafts while they hold: after its last
-        token, then after draft j for as long as every draft before j was the choice."""
+        token, then after draft j for as long as every draft up to j was the choice (then
+        the context of draft j's row is the real sequence)."""
         logits = self.model.compute_logits(hidden)  # [num_tokens, vocab]
         cu = inputs.meta.cu_seqlens_q.tolist()
         top_n = batch.top_n_tokens
