@@ -104,9 +104,7 @@ def run(args: argparse.Namespace) -> list[LoadResult]:
             concurrency=int(value) if kind == "concurrency" else None,
             request_rate=value if kind == "rate" else None))
         if before is not None:
-            after = loadgen.decode_steps(args.url)
-            results[-1] = replace(results[-1], server_step_ms=loadgen.mean_step_ms(before, after),
-                                  draft_acceptance=loadgen.draft_acceptance(before, after))
+            results[-1] = replace(results[-1], **loadgen.server_fields(before, args.url))
         log(report.format_row(results[-1]))
     return results
 

@@ -104,9 +104,7 @@ def run_load(system: str, dtype: str, target: loadgen.Target, level: int, jobs: 
                                                   f"{system} {dtype} c={level}"))
     r = _result(system, dtype, level, jobs, timings, watch)
     if before is not None:
-        after = loadgen.decode_steps(target.url)
-        r = replace(r, server_step_ms=loadgen.mean_step_ms(before, after),
-                    draft_acceptance=loadgen.draft_acceptance(before, after))
+        r = replace(r, **loadgen.server_fields(before, target.url))
     return r
 
 

@@ -255,6 +255,14 @@ def draft_acceptance(before: ServerSteps | None, after: ServerSteps | None) -> f
     return (after.accepted - before.accepted) / (after.drafted - before.drafted)
 
 
+def server_fields(before: ServerSteps | None, url: str) -> dict[str, float]:
+    """The `LoadResult` fields read from the server's /metrics over a load that began at
+    `before` (its `decode_steps` then): the mean decode step and the share of drafts accepted."""
+    after = decode_steps(url)
+    return {"server_step_ms": mean_step_ms(before, after),
+            "draft_acceptance": draft_acceptance(before, after)}
+
+
 def mean_step_ms(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float:
     """The mean decode step between two `decode_steps` readings; NaN without both or a step."""
     if before is None or after is None or after[1] <= before[1]:

@@ -87,9 +87,7 @@ def write_outputs(prefix: Path, *, args, settings, model: Path, config: dict, ro
         lines += ["Shard micro-benchmark (one decode step, no router, no gRPC; "
                   f"context {settings.workload.prompt_tokens} tokens):", "",
                   report.format_shard(shard_rows), ""]
-    # NOTE: with speculation a step streams several tokens at once, so ITL p50 - step is no
-    # longer the router's cost per step.
-    overhead = [] if settings.speculate else report.router_overhead(results, shard_rows)
+    overhead = report.router_overhead(results, shard_rows)
     lines += [*overhead, ""] if overhead else []
     acceptance = report.draft_acceptance(results)
     lines += [*acceptance, ""] if acceptance else []

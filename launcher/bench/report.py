@@ -141,6 +141,8 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
         itl = r.itl_ms.get("p50", math.nan)
         if math.isnan(itl) or (r.system != OURS and math.isnan(r.server_step_ms)):
             continue
+        if not math.isnan(r.draft_acceptance):
+            continue  # it speculated: a step streamed several tokens, so ITL p50 is no step
         if not math.isnan(r.server_step_ms):
             step, where = r.server_step_ms, "mean shard step in the same load"
         elif (step := steps.get((r.dtype, r.concurrency))) is not None:

@@ -170,9 +170,13 @@ def test_decode_steps_are_read_from_the_routers_metrics():
     metrics.speculation_accepted_tokens.inc(3)
     drafting = loadgen.parse_decode_steps(metrics.render().decode())
     assert loadgen.draft_acceptance(after, drafting) == pytest.approx(3 / 8)
-    assert report.draft_acceptance([replace(_result("tgi-server", "c=1", 10.0),
-                                            draft_acceptance=3 / 8)]) == [
+    drafting_load = replace(_result("tgi-server", "c=1", 10.0), draft_acceptance=3 / 8,
+                            server_step_ms=40.0)
+    assert report.draft_acceptance([drafting_load]) == [
         "drafts accepted (tgi-server --speculate):", "- float32 c=1: 38%"]
+    # a step that streamed several tokens is not an ITL: no router cost is derived from it
+    assert report.router_overhead([drafting_load], []) == []
+    assert report.router_overhead([replace(drafting_load, draft_acceptance=math.nan)], [])
     assert loadgen.mean_step_ms((0.010, 1), after) == pytest.approx(40.0)
     assert math.isnan(loadgen.mean_step_ms(after, after))  # no step in between
     assert math.isnan(loadgen.mean_step_ms(before, after))  # a server without the metric
