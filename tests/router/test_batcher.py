@@ -220,17 +220,25 @@ def stop_sequence_of_third_token(tokenizer, last_token: int) -> str:
     return stop
 
 
-async def test_stop_sequence_finishes_and_is_filtered_out(make_server, tokenizer):
+async def stopped_beside_another(server, tokenizer, other_max_new_tokens: int) -> list[InferEvent]:
+    """Starts `server` with request 1 (P1), which stops on its third token's text, queued
+    beside request 2 (P2), which runs to its length; checks both. Request 1's events."""
     stop = stop_sequence_of_third_token(tokenizer, P1)
-    server = make_server(start=False)
     stopped, other = await server.submit_queued(
-        request(P1, max_new_tokens=10, stop=(stop,)), request(P2, max_new_tokens=5))
+        request(P1, max_new_tokens=10, stop=(stop,)),
+        request(P2, max_new_tokens=other_max_new_tokens))
     server.start()
 
     events = await stopped
     assert_generation(tokenizer, events, P1, 3, FinishReason.STOP_SEQUENCE)
     assert events[-1].generated_text.endswith(stop)
-    assert_generation(tokenizer, await other, P2, 5)
+    assert_generation(tokenizer, await other, P2, other_max_new_tokens)
+    return events
+
+
+async def test_stop_sequence_finishes_and_is_filtered_out(make_server, tokenizer):
+    server = make_server(start=False)
+    await stopped_beside_another(server, tokenizer, 5)
     # The shard finished nothing: the router filters the stopped request out itself.
     assert server.fake.requests[1].finish_reason is None
     assert server.fake.calls == [
@@ -261,19 +269,11 @@ async def test_last_request_stopped_by_the_router_clears_its_batch(make_server, 
 async def test_several_tokens_a_step_stream_one_event_each_and_stop_mid_step(
         make_server, tokenizer):
     # A speculating shard: 4 tokens per request and decode step. The stop sequence is the
-    # third token, inside the first decode step: the tokens after it are dropped.
-    stop = stop_sequence_of_third_token(tokenizer, P1)
+    # third token, inside the first decode step: the tokens after it are dropped. Request 2
+    # gets 1 token from the prefill, then 4 and 2 (max_new_tokens) from two decodes.
     server = make_server(FakeShardClient(tokens_per_step=4), start=False)
-    stopped, other = await server.submit_queued(
-        request(P1, max_new_tokens=10, stop=(stop,)), request(P2, max_new_tokens=7))
-    server.start()
-
-    events = await stopped
-    assert_generation(tokenizer, events, P1, 3, FinishReason.STOP_SEQUENCE)
-    assert events[-1].generated_text.endswith(stop)
+    events = await stopped_beside_another(server, tokenizer, 7)
     assert "".join(e.token.text for e in events) == events[-1].generated_text
-    # 1 token from the prefill, then 4 and 2 (max_new_tokens) from two decodes
-    assert_generation(tokenizer, await other, P2, 7)
     assert server.fake.calls[:2] == [prefill(1, 1, 2), decode((1, (1, 2)))]
     assert filter_(1, 2) in server.fake.calls
     assert len([c for c in server.fake.calls if c[0] == "decode"]) == 2
