@@ -12,6 +12,7 @@ build). Without a compiler or AVX-512 the shard logs one warning and uses the to
 """
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(f)
            for f in ("packed_linear.cpp", "decode_attention.cpp", "fused_ops.cpp",
                      "decode_layer.cpp")]
+HEADERS = [Path(__file__).with_name(f) for f in ("simd.h", "parallel.h")]
 
 
 _disabled = False
@@ -46,8 +48,12 @@ def _load() -> bool:
         # use the libgomp.so.1 torch has already loaded (same soname), so one thread pool.
         # -ffp-contract=off: a multiply then an add round twice, as in torch's eager ops
         # (fused_ops.cpp matches them); the kernels' FMAs are explicit.
+        # NOTE: torch rebuilds when a source or a flag changes, not a header: the headers'
+        # digest goes in as a define so that an edited header rebuilds too.
+        headers = hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:16]
         load(name="tgi_cpu_kernels", sources=[str(p) for p in SOURCES],
-             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
+                           f"-DTGI_HEADERS_DIGEST={headers}"],
              extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 -- any build failure falls back to oneDNN

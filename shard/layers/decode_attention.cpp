@@ -18,6 +18,7 @@
 
 #include <immintrin.h>
 
+#include "parallel.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -222,7 +223,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const T *qp = q.data_ptr<T>(), *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t finish) {
+  tgi_parallel::guided_for(batch * kv_heads, 1, [&](int64_t begin, int64_t finish) {
     for (int64_t task = begin; task < finish; ++task) {
       const int64_t b = task / kv_heads, g = task % kv_heads, end = lp[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, end - window) : 0;

@@ -26,6 +26,7 @@
 
 #include <immintrin.h>
 
+#include "parallel.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -159,24 +160,25 @@ void run(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t steps, 
   const int64_t blocks = (n + kBlock - 1) / kBlock, tiles = blocks / NB;
   const int64_t k = steps * kPerStep<T>;
   const T* w_end = w + blocks * steps * kPerStep<T> * kBlock;
-  // NOTE: each task is one thread's share of the tiles; the blocks past the last whole tile go
-  // to the thread that ends there (or run alone when there is no whole tile).
-  auto walk = [&](int64_t t0, int64_t t1, bool tail) {
-    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+  // NOTE: an item is one tile over one block of rows, row blocks outermost, so a run of items
+  // walks consecutive tiles (each prefetching the next) under one block of x held in L2. The
+  // blocks past the last whole tile go with the row block's last tile.
+  const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
+  const int64_t per_block = std::max<int64_t>(tiles, 1);
+  auto items = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = i / per_block * kRowBlock, t = i % per_block;
       const int64_t rows = std::min(kRowBlock, m - r0);
       const T* xr = x + r0 * k;
       T* yr = y + r0 * n;
-      for (int64_t t = t0; t < t1; ++t)
-        tile<T, NB>(xr, w, bias, yr, rows, steps, n, t * NB, w_end);
-      if (tail)
+      if (tiles > 0) tile<T, NB>(xr, w, bias, yr, rows, steps, n, t * NB, w_end);
+      if (tiles == 0 || t == tiles - 1)
         for (int64_t b = tiles * NB; b < blocks; ++b)
           tile<T, 1>(xr, w, bias, yr, rows, steps, n, b, w_end);
     }
   };
-  if (tiles == 0) return walk(0, 0, true);
-  // NOTE: grain 1: each thread gets an equal share of the tiles however many threads there are
-  // (a qkv weight is 24 tiles at 1-4 rows; a grain of 4 would leave threads past 6 idle).
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { walk(t0, t1, t1 == tiles); });
+  // NOTE: grain 1: a qkv weight is 24 tiles at 1-4 rows, which every thread must share.
+  tgi_parallel::guided_for(row_blocks * per_block, 1, items);
 }
 
 template <typename T>

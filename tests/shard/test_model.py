@@ -251,7 +251,8 @@ def test_packing_keeps_dense_weights_only_where_they_are_read(model_dir, dtype):
 # 300: past the 256-row blocks.
 @pytest.mark.parametrize("rows", [1, 3, 5, 13, 300])
 # n: a partial last block (70) and fewer features than one tile (10); k = 201: odd, padded to
-# bfloat16 pairs; 1040: tiles split over the threads, the last thread taking the tail block;
+# bfloat16 pairs; 1040: tiles shared out over the threads, a row block's last tile taking the
+# tail block;
 # (80, 8192): whole blocks packed in place through a buffer of 2-4 of them, in 2-3 passes.
 @pytest.mark.parametrize("n, k", [(70, 200), (10, 201), (1040, 64), (80, 8192)])
 def test_packed_linear_matches_f_linear(dtype, rows, n, k):
@@ -280,15 +281,16 @@ def test_packed_linear_matches_f_linear(dtype, rows, n, k):
 
 
 @pytest.mark.parametrize("threads", [1, 3, 5])
-def test_packed_linear_gives_the_same_bits_on_any_number_of_threads(threads):
-    """Each output is one thread's sum, in one order: how the tiles are split over the
-    threads (and which thread takes the blocks past the last whole tile) changes nothing."""
+@pytest.mark.parametrize("rows", [6, 300])  # 300: two blocks of rows, each with a tail block
+def test_packed_linear_gives_the_same_bits_on_any_number_of_threads(threads, rows):
+    """Each output is one thread's sum, in one order: which thread takes which tiles as they
+    come free (and the blocks past the last whole tile) changes nothing."""
     if not cpu_kernels.available(torch.bfloat16):
         pytest.skip("the packed linear kernel does not run bfloat16 here")
     generator = torch.Generator().manual_seed(threads)
     weight = torch.randn(1040, 64, generator=generator).to(torch.bfloat16)  # 65 blocks
     packed = cpu_kernels.pack_linear_weight(weight)
-    x = torch.randn(6, 64, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
     want = cpu_kernels.packed_linear(x, packed, None)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
