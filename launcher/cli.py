@@ -178,6 +178,69 @@ def tgi_launch(
     json_output: Annotated[bool, _opt(
         "--json-output", env="JSON_OUTPUT", help="Log JSON lines instead of text.",
     )] = False,
+    validation_workers: Annotated[int, _opt(
+        "--validation-workers", env="VALIDATION_WORKERS",
+        help="Threads that tokenize and validate requests in the router.",
+    )] = 2,
+    prometheus_port: Annotated[int, _opt(
+        "--prometheus-port", env="PROMETHEUS_PORT",
+        help="/metrics is also served on this port, on --hostname (0: not served). A port "
+             "already taken is logged and skipped.",
+    )] = 9000,
+    huggingface_hub_cache: Annotated[str | None, _opt(
+        "--huggingface-hub-cache", env="HUGGINGFACE_HUB_CACHE",
+        help="Hugging Face cache directory the shards and the router read models from "
+             "(default: huggingface_hub's, HF_HOME or ~/.cache/huggingface/hub).",
+    )] = None,
+    sharded: Annotated[str | None, _opt(
+        "--sharded", env="SHARDED",
+        help="true or false, checked against --num-shard as TGI does (true needs "
+             "--num-shard > 1, false needs 1).",
+    )] = None,
+    cuda_graphs: Annotated[str | None, _opt(
+        "--cuda-graphs", env="CUDA_GRAPHS",
+        help="Accepted for TGI compatibility and ignored: no CUDA graphs are captured.",
+    )] = None,
+    disable_grammar_support: Annotated[bool, _opt(
+        "--disable-grammar-support", env="DISABLE_GRAMMAR_SUPPORT",
+        help="Accepted for TGI compatibility: requests with a `grammar` are refused (HTTP "
+             "422) with or without it, guided generation not being built yet.",
+    )] = False,
+    usage_stats: Annotated[str, _opt(
+        "--usage-stats", env="USAGE_STATS",
+        help="on, off or no-stack, as TGI; tgi-server sends no usage statistics at all.",
+    )] = "on",
+    otlp_endpoint: Annotated[str | None, _opt(
+        "--otlp-endpoint", env="OTLP_ENDPOINT",
+        help="Accepted for TGI compatibility; tracing is not built yet, so the launcher "
+             "logs that no spans are exported.",
+    )] = None,
+    otlp_service_name: Annotated[str, _opt(
+        "--otlp-service-name", env="OTLP_SERVICE_NAME",
+        help="Accepted with --otlp-endpoint.",
+    )] = "text-generation-inference.router",
+    quantize: Annotated[str | None, _opt(
+        "--quantize", env="QUANTIZE",
+        help="Not supported yet: any value is refused at start (a usage error), rather than "
+             "serving the unquantized weights unasked.",
+    )] = None,
+    kv_cache_dtype: Annotated[str | None, _opt(
+        "--kv-cache-dtype", env="KV_CACHE_DTYPE",
+        help="Not supported yet (fp8 KV cache): any value is refused at start.",
+    )] = None,
+    lora_adapters: Annotated[str | None, _opt(
+        "--lora-adapters", env="LORA_ADAPTERS",
+        help="Not supported yet: any value is refused at start.",
+    )] = None,
+    rope_scaling: Annotated[str | None, _opt(
+        "--rope-scaling", env="ROPE_SCALING",
+        help="Not supported yet as a flag (refused at start): the model's config.json "
+             "`rope_scaling` is applied.",
+    )] = None,
+    rope_factor: Annotated[float | None, _opt(
+        "--rope-factor", env="ROPE_FACTOR",
+        help="Not supported yet as a flag (refused at start), as --rope-scaling.",
+    )] = None,
     shard_command: Annotated[str | None, _opt(
         "--shard-command", env=None, hidden=True,
         help="Command run for each shard, before its argv (tests, wrappers such as numactl).",
@@ -195,6 +258,7 @@ def config_from_params(params: dict[str, Any]) -> LaunchConfig:
     values = dict(params)
     values["shard_command"] = _command(values.get("shard_command"), SHARD_COMMAND)
     values["router_command"] = _command(values.get("router_command"), ROUTER_COMMAND)
+    values["sharded"] = _tristate(values.get("sharded"), "sharded")
     values["served_model_name"] = tuple(
         name.strip() for names in values.get("served_model_name") or () for name in names.split(",")
     )
@@ -202,6 +266,17 @@ def config_from_params(params: dict[str, Any]) -> LaunchConfig:
         return LaunchConfig(**values)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+
+
+def _tristate(text: str | None, name: str) -> bool | None:
+    """TGI's `--flag true|false` (clap's bool with a value); None when not given."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise typer.BadParameter(f"`{name}` must be true or false, not {text!r}")
 
 
 def _command(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:

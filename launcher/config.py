@@ -76,6 +76,22 @@ class LaunchConfig:
     # Operations.
     graceful_termination_timeout: float = 90.0
     json_output: bool = False
+    validation_workers: int = 2
+    prometheus_port: int = 9000
+    huggingface_hub_cache: str | None = None
+    # TGI flags accepted for drop-in compatibility that change nothing here (`ignored_flags`).
+    sharded: bool | None = None
+    cuda_graphs: str | None = None
+    disable_grammar_support: bool = False
+    usage_stats: str = "on"
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "text-generation-inference.router"
+    # TGI features not built yet: setting one is a usage error, not a silent difference.
+    quantize: str | None = None
+    kv_cache_dtype: str | None = None
+    lora_adapters: str | None = None
+    rope_scaling: str | None = None
+    rope_factor: float | None = None
     # What to run for each child; the child's config argv is appended. Tests put fakes here.
     shard_command: tuple[str, ...] = SHARD_COMMAND
     router_command: tuple[str, ...] = ROUTER_COMMAND
@@ -84,6 +100,21 @@ class LaunchConfig:
         problems = _problems(self)
         if problems:
             raise ValueError("; ".join(problems))
+
+    def child_env(self) -> dict[str, str]:
+        """Environment every child gets on top of the launcher's."""
+        cache = self.huggingface_hub_cache
+        return {"HF_HUB_CACHE": cache, "HUGGINGFACE_HUB_CACHE": cache} if cache else {}
+
+    def ignored_flags(self) -> list[str]:
+        """What the launcher logs at start for the TGI flags given that change nothing here."""
+        notes = []
+        if self.cuda_graphs is not None:
+            notes.append("--cuda-graphs: tgi-server captures no CUDA graphs; ignored")
+        if self.otlp_endpoint is not None:
+            notes.append("--otlp-endpoint: tracing is not built yet, no spans are exported; "
+                         "/metrics and the logs are all there is")
+        return notes
 
     def resolved(self) -> "LaunchConfig":
         """A copy with the per-launch defaults filled in: socket path and rendezvous port."""
@@ -144,8 +175,20 @@ _SHARED_ROUTER_FIELDS = (
     "max_input_tokens", "max_total_tokens", "max_client_batch_size", "payload_limit",
     "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
     "max_waiting_tokens", "waiting_served_ratio", "enable_prefill_logprobs", "disable_lookahead",
-    "api_key", "chat_template", "served_model_name",
+    "api_key", "chat_template", "served_model_name", "validation_workers", "prometheus_port",
 )
+
+USAGE_STATS = ("on", "off", "no-stack")
+# TGI flag -> why it is refused: each would change what is served (memory, numerics, outputs).
+NOT_YET = {
+    "quantize": "quantized weights are not supported yet; serve the unquantized model",
+    "kv_cache_dtype": "an fp8 KV cache is not supported yet; the cache takes the model's dtype",
+    "lora_adapters": "LoRA adapters are not supported yet",
+    "rope_scaling": "a rope-scaling override is not supported yet; set `rope_scaling` in the "
+                    "model's config.json (default, linear, dynamic, llama3 and yarn are read)",
+    "rope_factor": "a rope-scaling override is not supported yet; set `rope_scaling` in the "
+                   "model's config.json (default, linear, dynamic, llama3 and yarn are read)",
+}
 
 
 def _problems(c: LaunchConfig) -> list[str]:
@@ -171,7 +214,16 @@ def _problems(c: LaunchConfig) -> list[str]:
         (c.chat_template is None or os.path.isfile(c.chat_template),
          f"`chat_template` {c.chat_template!r} is not a file"),
         (all(c.served_model_name), "`served_model_name` must not be empty"),
+        (c.validation_workers > 0, "`validation_workers` must be > 0"),
+        (0 <= c.prometheus_port <= 65535, "`prometheus_port` must be between 0 and 65535"),
+        (c.usage_stats in USAGE_STATS, f"`usage_stats` must be one of {', '.join(USAGE_STATS)}"),
+        (c.sharded is not True or c.num_shard > 1,
+         "`sharded` is true but `num_shard` is 1: pass `--num-shard N` with N > 1"),
+        (c.sharded is not False or c.num_shard == 1,
+         f"`sharded` is false but `num_shard` is {c.num_shard}"),
     ]
+    checks += [(getattr(c, name) is None, f"`{name}` {getattr(c, name)}: {why}")
+               for name, why in NOT_YET.items()]
     inp, total, prefill = c.max_input_tokens, c.max_total_tokens, c.max_batch_prefill_tokens
     if inp is not None and total is not None:
         checks.append((inp < total, "`max_input_tokens` must be < `max_total_tokens`"))

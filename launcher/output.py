@@ -35,6 +35,9 @@ class Output:
     def info(self, message: str) -> None:
         self._emit("INFO", "launcher", message)
 
+    def warning(self, message: str) -> None:
+        self._emit("WARN", "launcher", message)
+
     def error(self, message: str) -> None:
         self._emit("ERROR", "launcher", message)
 

@@ -23,7 +23,7 @@ _HEALTH_TIMEOUT_S = 2.0
 
 async def spawn_router(config: LaunchConfig, on_line: Callable[[Child, str], None]) -> Child:
     argv = [*config.router_command, *to_argv(config.to_router_config())]
-    return await spawn(ROUTER_NAME, argv, child_env({}), on_line, ROUTER_STATES)
+    return await spawn(ROUTER_NAME, argv, child_env(config.child_env()), on_line, ROUTER_STATES)
 
 
 async def wait_router_ready(child: Child, config: LaunchConfig) -> None:

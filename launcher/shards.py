@@ -52,7 +52,7 @@ async def spawn_shard(
     # Only the torch.distributed rendezvous travels through the environment.
     env = child_env({
         "MASTER_ADDR": shard.master_addr, "MASTER_PORT": str(shard.master_port),
-        "RANK": str(rank), "WORLD_SIZE": str(shard.world_size),
+        "RANK": str(rank), "WORLD_SIZE": str(shard.world_size), **config.child_env(),
     })
     argv = [*config.shard_command, *to_argv(shard)]
     return await spawn(shard_name(rank), argv, env, on_line, SHARD_STATES)

@@ -63,6 +63,8 @@ class Supervisor:
 
     async def run(self) -> int:
         self._install_signal_handlers()
+        for note in self.config.ignored_flags():
+            self.output.warning(note)
         try:
             await self._start()
             self.output.info(self._ready_message())

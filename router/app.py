@@ -8,7 +8,9 @@ Upstream: `server.py` (uvicorn). Downstream: `routes.py` handlers read `app.stat
 
 import asyncio
 import contextlib
+import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
@@ -55,6 +57,12 @@ class RouterState:
     batcher: Batcher
     infer: Infer
     metrics: Metrics
+    # Tokenization and validation run here, off the event loop (`--validation-workers`).
+    validation_pool: ThreadPoolExecutor
+
+    async def in_validation_pool(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(
+            self.validation_pool, functools.partial(fn, *args, **kwargs))
 
 
 def resolve_limits(config: RouterConfig, info: ShardInfo) -> Limits:
@@ -122,6 +130,8 @@ async def build_state(config: RouterConfig, client: ShardedClient, tokenizer=Non
         batcher=batcher,
         infer=Infer(queue, batcher, metrics, config.max_concurrent_requests),
         metrics=metrics,
+        validation_pool=ThreadPoolExecutor(config.validation_workers,
+                                           thread_name_prefix="validation"),
     )
 
 
@@ -147,6 +157,7 @@ def create_app(config: RouterConfig, client: ShardedClient | None = None, tokeni
                 await task
             if client is None:
                 await app.state.router.client.close()
+            app.state.router.validation_pool.shutdown(wait=False)
 
     guard = Middleware(RequestGuard, api_key=config.api_key, payload_limit=config.payload_limit)
     return Starlette(routes=routes() + openai.routes() + openapi.routes(), middleware=[guard],

@@ -40,3 +40,7 @@ class RouterConfig:
     served_model_name: tuple[str, ...] = ()
     # Seconds in-flight requests get to finish on SIGTERM.
     graceful_timeout: float = 90.0
+    # Threads that tokenize and validate requests (TGI's `--validation-workers`).
+    validation_workers: int = 2
+    # /metrics is also served on this port (TGI's `--prometheus-port`); 0: not served.
+    prometheus_port: int = 9000

@@ -43,6 +43,9 @@ class Counter:
         return "\n".join(lines) + "\n"
 
 
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4"
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)

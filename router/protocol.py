@@ -230,7 +230,7 @@ class Info(_Response):
     max_stop_sequences: int
     max_input_tokens: int
     max_total_tokens: int
-    validation_workers: int = 1
+    validation_workers: int = 2
     max_client_batch_size: int
     router: str = "text-generation-router"
     version: str
@@ -266,6 +266,7 @@ class Info(_Response):
             max_input_tokens=max_input_tokens,
             max_total_tokens=max_total_tokens,
             max_client_batch_size=config.max_client_batch_size,
+            validation_workers=config.validation_workers,
             version=version,
             max_input_length=max_input_tokens,
             waiting_served_ratio=config.waiting_served_ratio,

@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from tgi_server.router import protocol as p
 from tgi_server.router.infer import InferError, InferEvent, TokenInfo
+from tgi_server.router.metrics import METRICS_MEDIA_TYPE
 from tgi_server.router.streaming import sse_response
 from tgi_server.router.types import ValidRequest
 from tgi_server.router.validation import ValidationError
@@ -58,8 +59,8 @@ async def validate(request: Request, inputs: str, parameters: p.GenerateParamete
     state.metrics.request_count.inc()
     start = time.monotonic()
     try:
-        valid = await asyncio.to_thread(state.validator.validate, inputs, parameters, stream,
-                                        add_special_tokens=add_special_tokens)
+        valid = await state.in_validation_pool(state.validator.validate, inputs, parameters,
+                                               stream, add_special_tokens=add_special_tokens)
     except ValidationError as e:
         state.metrics.request_failure.inc(err="validation")
         raise validation_error(str(e)) from e
@@ -285,13 +286,13 @@ async def info(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state = request.app.state.router
-    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(state.metrics.render(), media_type=METRICS_MEDIA_TYPE)
 
 
 async def tokenize(request: Request) -> Response:
     state = request.app.state.router
     body = await parse_body(request, p.TokenizeRequest)
-    tokens = await asyncio.to_thread(
+    tokens = await state.in_validation_pool(
         state.validator.validate_tokenize, body.inputs, body.add_special_tokens)
     return JSONResponse([t.model_dump() for t in tokens])
 

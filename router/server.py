@@ -19,6 +19,7 @@ from tgi_server.router.app import build_state, create_app
 from tgi_server.router.client import ShardedClient
 from tgi_server.router.config import RouterConfig
 from tgi_server.router.drain import Drain, DrainingServer
+from tgi_server.router.metrics import METRICS_MEDIA_TYPE, Metrics
 
 logger = logging.getLogger("tgi_server.router")
 _FINAL_SHUTDOWN_S = 1
@@ -35,6 +36,7 @@ async def serve(config: RouterConfig) -> None:
         await client.close()
         raise SystemExit(1) from None
     app = Drain(create_app(config, state=state))
+    metrics_server = await serve_metrics_port(config, state.metrics)
     server = DrainingServer(uvicorn.Config(
         app,
         host=config.hostname,
@@ -43,7 +45,44 @@ async def serve(config: RouterConfig) -> None:
         # The drain already waited for the requests in flight; this bounds the last bytes.
         timeout_graceful_shutdown=_FINAL_SHUTDOWN_S,
     ), app, config.graceful_timeout)
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+
+
+async def serve_metrics_port(config: RouterConfig, metrics: Metrics) -> asyncio.Server | None:
+    """`/metrics` again on `--prometheus-port`, as TGI serves it (any path answers there).
+
+    A port already taken is a warning, not a failed start: /metrics on the API port stays.
+    """
+    if not config.prometheus_port:
+        return None
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readuntil(b"\r\n\r\n")
+            if request.startswith((b"GET ", b"HEAD ")):
+                body = metrics.render()
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: {METRICS_MEDIA_TYPE}\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+                writer.write(head.encode() + (b"" if request.startswith(b"HEAD ") else body))
+            else:
+                writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.start_server(answer, config.hostname, config.prometheus_port)
+    except OSError as e:
+        logger.warning("metrics not served on --prometheus-port %d (%s); /metrics on port %d "
+                       "still answers", config.prometheus_port, e.strerror, config.port)
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

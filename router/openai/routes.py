@@ -7,7 +7,6 @@ shapes the answers. Errors are OpenAI's `{"error": {...}}`: 400 for invalid requ
 an unknown model, 429 when overloaded; a stream failing midway ends with an error event.
 """
 
-import asyncio
 import functools
 import json
 import time
@@ -149,8 +148,8 @@ async def chat_job(request: Request, body: p.ChatCompletionRequest) -> Job:
     model = openai.model_name(body.model)
     gen = body.to_generation_params(openai.vocab_size)
     started_at = time.monotonic()
-    prompt = await asyncio.to_thread(render_chat, state.tokenizer, body.template_messages(),
-                                     openai.chat_template)
+    prompt = await state.in_validation_pool(render_chat, state.tokenizer,
+                                            body.template_messages(), openai.chat_template)
     valid = await native.validate(request, prompt, gen.parameters, bool(body.stream),
                                   add_special_tokens=False)
     return Job.of(request, gen, model, [valid], started_at)

@@ -32,6 +32,7 @@ def record(path: str, config: ShardConfig) -> None:
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     with open(path, "w") as f:
         json.dump({"pid": os.getpid(), "grandchild": sleeper.pid, "env": env,
+                   "hub_cache": os.environ.get("HF_HUB_CACHE"),
                    "config": config.__dict__}, f)
 
 

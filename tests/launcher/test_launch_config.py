@@ -66,6 +66,12 @@ def test_router_defaults_are_launch_defaults():
     ({"TRUST_REMOTE_CODE": "true"}, "trust_remote_code", True),
     ({"GRACEFUL_TERMINATION_TIMEOUT": "5"}, "graceful_termination_timeout", 5.0),
     ({"API_KEY": "secret"}, "api_key", "secret"),
+    ({"VALIDATION_WORKERS": "4"}, "validation_workers", 4),
+    ({"PROMETHEUS_PORT": "9100"}, "prometheus_port", 9100),
+    ({"HUGGINGFACE_HUB_CACHE": "/data"}, "huggingface_hub_cache", "/data"),
+    ({"SHARDED": "false"}, "sharded", False),
+    ({"USAGE_STATS": "off"}, "usage_stats", "off"),
+    ({"CUDA_GRAPHS": "0"}, "cuda_graphs", "0"),
 ])
 def test_env_vars(monkeypatch, env, field, expected):
     for name, value in env.items():
@@ -109,10 +115,45 @@ def test_aliases_and_flags(argv, field, expected):
     (["--nnodes", "2", "--num-shard", "3", "--master-port", "1"],
      r"`num_shard` \(3, all nodes together\) must be divisible by `nnodes` \(2\)"),
     (["--nnodes", "2", "--node-rank", "2", "--master-port", "1"], "`node_rank` must be in"),
+    (["--sharded", "true"], "`sharded` is true but `num_shard` is 1"),
+    (["--sharded", "false", "--num-shard", "2"], "`sharded` is false but `num_shard` is 2"),
+    (["--sharded", "maybe"], "`sharded` must be true or false"),
+    (["--usage-stats", "sometimes"], "`usage_stats` must be one of on, off, no-stack"),
+    (["--validation-workers", "0"], "`validation_workers` must be > 0"),
+    (["--prometheus-port", "70000"], "`prometheus_port` must be between"),
+    # TGI features not built yet: refused, never served differently without a word
+    (["--quantize", "gptq"], "`quantize` gptq: quantized weights are not supported yet"),
+    (["--kv-cache-dtype", "fp8_e5m2"], "`kv_cache_dtype` fp8_e5m2: an fp8 KV cache is not"),
+    (["--lora-adapters", "a,b"], "`lora_adapters` a,b: LoRA adapters are not supported yet"),
+    (["--rope-scaling", "linear", "--rope-factor", "2"], "`rope_scaling` linear: .*config.json"),
+    (["--rope-factor", "2"], "`rope_factor` 2.0: a rope-scaling override is not supported"),
 ])
 def test_bad_combinations_are_usage_errors(argv, message):
     with pytest.raises(typer.BadParameter, match=message):
         parse_config(["--model-id", "m", *argv])
+
+
+def test_tgi_flags_that_change_nothing_here_are_accepted_and_said_so():
+    config = parse_config([
+        "--model-id", "m", "--num-shard", "2", "--sharded", "true", "--cuda-graphs", "1,2,4",
+        "--disable-grammar-support", "--usage-stats", "no-stack", "--otlp-endpoint",
+        "http://collector:4317", "--otlp-service-name", "svc",
+    ])
+    assert (config.sharded, config.num_shard) == (True, 2)
+    notes = config.ignored_flags()
+    assert len(notes) == 2
+    assert notes[0].startswith("--cuda-graphs") and "ignored" in notes[0]
+    assert notes[1].startswith("--otlp-endpoint") and "no spans are exported" in notes[1]
+    assert parse_config(["--model-id", "m"]).ignored_flags() == []
+
+
+def test_hub_cache_and_router_settings_reach_the_children():
+    config = parse_config(["--model-id", "m", "--huggingface-hub-cache", "/data",
+                           "--validation-workers", "3", "--prometheus-port", "9100"])
+    assert config.child_env() == {"HF_HUB_CACHE": "/data", "HUGGINGFACE_HUB_CACHE": "/data"}
+    assert parse_config(["--model-id", "m"]).child_env() == {}
+    router = config.resolved().to_router_config()
+    assert (router.validation_workers, router.prometheus_port) == (3, 9100)
 
 
 def test_resolved_picks_unique_socket_and_free_port():

@@ -29,11 +29,14 @@ def test_sigterm_stops_router_then_shards_and_exits_0(launcher, records):
 
 
 def test_children_get_their_rank_rendezvous_and_the_shard_addresses(launcher, records):
-    launched = launcher("ok", "ok", "--num-shard", "2", "--master-port", "29611")
+    launched = launcher("ok", "ok", "--num-shard", "2", "--master-port", "29611",
+                        "--huggingface-hub-cache", "/data/hub", "--cuda-graphs", "0")
     launched.wait_for_line("ready at")
+    assert "--cuda-graphs: tgi-server captures no CUDA graphs; ignored" in launched.lines
     shard = launched.record("shard-1")
     assert shard["env"] == {
         "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29611"}
+    assert shard["hub_cache"] == "/data/hub"
     assert (shard["config"]["rank"], shard["config"]["world_size"]) == (1, 2)
     router = launched.record("router")["config"]
     assert router["shard_urls"] == [str(records / "s-0"), str(records / "s-1")]

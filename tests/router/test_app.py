@@ -9,16 +9,20 @@ import asyncio
 import contextlib
 import json
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 
 import httpx
 import pytest
 from fake_shard import FakeShardClient, chain, logprob
 from transformers import AutoTokenizer
 
+from tgi_server.launcher.config import free_port
 from tgi_server.router.app import RouterState, create_app
 from tgi_server.router.client import ShardError
 from tgi_server.router.config import RouterConfig
+from tgi_server.router.server import serve_metrics_port
+from tgi_server.router.validation import Validator
 
 MODEL_ID = "fake-org/fake-model"
 PROMPT = "def main"
@@ -333,6 +337,48 @@ async def test_health(router):
     router.fake.health_error = None
     assert (await router.http.get("/health")).status_code == 200
     assert router.state.batcher.healthy is True
+
+
+async def test_metrics_are_served_on_the_prometheus_port_too(router, caplog):
+    port = free_port()
+    config = RouterConfig(tokenizer="unused", shard_urls=(), hostname="127.0.0.1",
+                          prometheus_port=port)
+    server = await serve_metrics_port(config, router.state.metrics)
+    try:
+        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+        assert (await router.http.post("/generate", json=body)).status_code == 200
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            served = await http.get("/metrics")
+            assert (await http.post("/metrics")).status_code == 405
+        assert served.status_code == 200
+        assert served.headers["content-type"] == "text/plain; version=0.0.4"
+        assert served.text == (await router.http.get("/metrics")).text
+        assert metric(served.text, "tgi_request_success") == 1
+        # the port taken (here by the server above): logged, and the router starts anyway
+        assert await serve_metrics_port(config, router.state.metrics) is None
+        assert f"metrics not served on --prometheus-port {port}" in caplog.text
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert await serve_metrics_port(replace(config, prometheus_port=0), router.state.metrics) is None
+
+
+async def test_requests_are_validated_on_the_validation_workers(tokenizer, monkeypatch):
+    threads = set()
+    validate = Validator.validate
+
+    def recording(self, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return validate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Validator, "validate", recording)
+    async with serve(tokenizer, validation_workers=1) as router:
+        assert router.state.validation_pool._max_workers == 1
+        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+        assert (await router.http.post("/generate", json=body)).status_code == 200
+        info = (await router.http.get("/info")).json()
+    assert info["validation_workers"] == 1
+    assert len(threads) == 1 and threads.pop().startswith("validation")
 
 
 async def test_metrics(router):

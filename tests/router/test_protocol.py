@@ -265,7 +265,7 @@ def test_info_from_config():
         "max_stop_sequences": 4,
         "max_input_tokens": 4095,
         "max_total_tokens": 4096,
-        "validation_workers": 1,
+        "validation_workers": 2,
         "max_client_batch_size": 4,
         "router": "text-generation-router",
         "version": "0.1.0",
