@@ -5,6 +5,8 @@ TGI uses for it; the README flag table is generated from this app (`flags_doc.py
 Downstream: `supervisor.launch`.
 """
 
+import importlib.metadata
+import os
 import shlex
 from typing import Annotated, Any
 
@@ -192,6 +194,20 @@ def tgi_launch(
         help="Hugging Face cache directory the shards and the router read models from "
              "(default: huggingface_hub's, HF_HOME or ~/.cache/huggingface/hub).",
     )] = None,
+    cors_allow_origin: Annotated[list[str] | None, _opt(
+        "--cors-allow-origin", env="CORS_ALLOW_ORIGIN",
+        help="Origins browsers may call the API from; repeat the flag or separate with commas "
+             "(default: any origin, as TGI).",
+    )] = None,
+    tokenizer_config_path: Annotated[str | None, _opt(
+        "--tokenizer-config-path", env="TOKENIZER_CONFIG_PATH",
+        help="A tokenizer_config.json whose `chat_template` the OpenAI chat API uses instead "
+             "of the model's (as --chat-template).",
+    )] = None,
+    show_env: Annotated[bool, _opt(
+        "--env", "-e", env=None, help="Print the runtime environment (versions, CPU, GPU) "
+                                      "before starting.",
+    )] = False,
     sharded: Annotated[str | None, _opt(
         "--sharded", env="SHARDED",
         help="true or false, checked against --num-shard as TGI does (true needs "
@@ -219,6 +235,14 @@ def tgi_launch(
         "--otlp-service-name", env="OTLP_SERVICE_NAME",
         help="Accepted with --otlp-endpoint.",
     )] = "text-generation-inference.router",
+    watermark_gamma: Annotated[float | None, _opt(
+        "--watermark-gamma", env="WATERMARK_GAMMA",
+        help="Accepted for TGI compatibility; watermarking is not built yet (requests asking "
+             "for it are refused), which the launcher logs.",
+    )] = None,
+    watermark_delta: Annotated[float | None, _opt(
+        "--watermark-delta", env="WATERMARK_DELTA", help="As --watermark-gamma.",
+    )] = None,
     quantize: Annotated[str | None, _opt(
         "--quantize", env="QUANTIZE",
         help="Not supported yet: any value is refused at start (a usage error), rather than "
@@ -241,6 +265,23 @@ def tgi_launch(
         "--rope-factor", env="ROPE_FACTOR",
         help="Not supported yet as a flag (refused at start), as --rope-scaling.",
     )] = None,
+    weights_cache_override: Annotated[str | None, _opt(
+        "--weights-cache-override", env="WEIGHTS_CACHE_OVERRIDE",
+        help="Not supported (refused at start): pass the weights' directory as --model-id.",
+    )] = None,
+    ngrok: Annotated[bool, _opt(
+        "--ngrok", env="NGROK", help="Not supported: refused at start.",
+    )] = False,
+    ngrok_authtoken: Annotated[str | None, _opt(
+        "--ngrok-authtoken", env="NGROK_AUTHTOKEN", help="Not supported: refused at start.",
+    )] = None,
+    ngrok_edge: Annotated[str | None, _opt(
+        "--ngrok-edge", env="NGROK_EDGE", help="Not supported: refused at start.",
+    )] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", "-V", callback=lambda value: _print_version(value), is_eager=True,
+        help="Print the version and exit.",
+    )] = False,
     shard_command: Annotated[str | None, _opt(
         "--shard-command", env=None, hidden=True,
         help="Command run for each shard, before its argv (tests, wrappers such as numactl).",
@@ -250,7 +291,10 @@ def tgi_launch(
         help="Command run for the router, before its argv.",
     )] = None,
 ) -> None:
-    raise typer.Exit(launch(config_from_params(ctx.params)))
+    config = config_from_params(ctx.params)
+    if config.show_env:
+        typer.echo(runtime_environment(), err=True)
+    raise typer.Exit(launch(config))
 
 
 def config_from_params(params: dict[str, Any]) -> LaunchConfig:
@@ -258,14 +302,51 @@ def config_from_params(params: dict[str, Any]) -> LaunchConfig:
     values = dict(params)
     values["shard_command"] = _command(values.get("shard_command"), SHARD_COMMAND)
     values["router_command"] = _command(values.get("router_command"), ROUTER_COMMAND)
+    values.pop("version", None)
     values["sharded"] = _tristate(values.get("sharded"), "sharded")
-    values["served_model_name"] = tuple(
-        name.strip() for names in values.get("served_model_name") or () for name in names.split(",")
-    )
+    values["cors_allow_origin"] = _listed(values.get("cors_allow_origin"))
+    values["served_model_name"] = _listed(values.get("served_model_name"))
     try:
         return LaunchConfig(**values)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+
+
+def _listed(values: list[str] | None) -> tuple[str, ...]:
+    """A repeatable flag whose values may also be comma-separated."""
+    return tuple(item.strip() for value in values or () for item in value.split(","))
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("tgi-server")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def runtime_environment() -> str:
+    """`--env`: what a bug report needs about this machine."""
+    import platform
+
+    import torch
+
+    lines = [f"tgi-server: {package_version()}", f"python: {platform.python_version()}",
+             f"platform: {platform.platform()}", f"torch: {torch.__version__}",
+             f"cpus: {os.cpu_count()} ({torch.get_num_threads()} torch threads)",
+             f"cpu kernels: avx512 {torch.cpu._is_avx512_supported()}, "
+             f"avx512-bf16 {torch.cpu._is_avx512_bf16_supported()}"]
+    if torch.cuda.is_available():
+        lines += [f"gpu {i}: {torch.cuda.get_device_name(i)}"
+                  for i in range(torch.cuda.device_count())]
+    else:
+        lines.append("gpus: none")
+    return "\n".join(lines)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tgi-launch {package_version()}")
+        raise typer.Exit()
 
 
 def _tristate(text: str | None, name: str) -> bool | None:

@@ -79,6 +79,10 @@ class LaunchConfig:
     validation_workers: int = 2
     prometheus_port: int = 9000
     huggingface_hub_cache: str | None = None
+    cors_allow_origin: tuple[str, ...] = ()
+    # TGI's tokenizer config file: its `chat_template` is the chat template (`chat_template`).
+    tokenizer_config_path: str | None = None
+    show_env: bool = False
     # TGI flags accepted for drop-in compatibility that change nothing here (`ignored_flags`).
     sharded: bool | None = None
     cuda_graphs: str | None = None
@@ -86,12 +90,18 @@ class LaunchConfig:
     usage_stats: str = "on"
     otlp_endpoint: str | None = None
     otlp_service_name: str = "text-generation-inference.router"
+    watermark_gamma: float | None = None
+    watermark_delta: float | None = None
     # TGI features not built yet: setting one is a usage error, not a silent difference.
     quantize: str | None = None
     kv_cache_dtype: str | None = None
     lora_adapters: str | None = None
     rope_scaling: str | None = None
     rope_factor: float | None = None
+    weights_cache_override: str | None = None
+    ngrok: bool = False
+    ngrok_authtoken: str | None = None
+    ngrok_edge: str | None = None
     # What to run for each child; the child's config argv is appended. Tests put fakes here.
     shard_command: tuple[str, ...] = SHARD_COMMAND
     router_command: tuple[str, ...] = ROUTER_COMMAND
@@ -111,6 +121,9 @@ class LaunchConfig:
         notes = []
         if self.cuda_graphs is not None:
             notes.append("--cuda-graphs: tgi-server captures no CUDA graphs; ignored")
+        if self.watermark_gamma is not None or self.watermark_delta is not None:
+            notes.append("--watermark-gamma/--watermark-delta: watermarking is not built yet; "
+                         "requests asking for it are refused (HTTP 422)")
         if self.otlp_endpoint is not None:
             notes.append("--otlp-endpoint: tracing is not built yet, no spans are exported; "
                          "/metrics and the logs are all there is")
@@ -166,6 +179,7 @@ class LaunchConfig:
             hostname=self.hostname, port=self.port,
             **{name: getattr(self, name) for name in _SHARED_ROUTER_FIELDS},
             graceful_timeout=self.graceful_termination_timeout,
+            chat_template=self.chat_template or self.tokenizer_config_path,
         )
 
 
@@ -175,7 +189,7 @@ _SHARED_ROUTER_FIELDS = (
     "max_input_tokens", "max_total_tokens", "max_client_batch_size", "payload_limit",
     "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
     "max_waiting_tokens", "waiting_served_ratio", "enable_prefill_logprobs", "disable_lookahead",
-    "api_key", "chat_template", "served_model_name", "validation_workers", "prometheus_port",
+    "api_key", "served_model_name", "validation_workers", "prometheus_port", "cors_allow_origin",
 )
 
 USAGE_STATS = ("on", "off", "no-stack")
@@ -188,6 +202,9 @@ NOT_YET = {
                     "model's config.json (default, linear, dynamic, llama3 and yarn are read)",
     "rope_factor": "a rope-scaling override is not supported yet; set `rope_scaling` in the "
                    "model's config.json (default, linear, dynamic, llama3 and yarn are read)",
+    "weights_cache_override": "not supported; pass the weights' directory as `--model-id`",
+    "ngrok_authtoken": "ngrok tunnelling is not supported",
+    "ngrok_edge": "ngrok tunnelling is not supported",
 }
 
 
@@ -213,6 +230,12 @@ def _problems(c: LaunchConfig) -> list[str]:
          "`nnodes` > 1 needs an explicit `master_port`, the same on every node"),
         (c.chat_template is None or os.path.isfile(c.chat_template),
          f"`chat_template` {c.chat_template!r} is not a file"),
+        (c.tokenizer_config_path is None or os.path.isfile(c.tokenizer_config_path),
+         f"`tokenizer_config_path` {c.tokenizer_config_path!r} is not a file"),
+        (c.chat_template is None or c.tokenizer_config_path is None,
+         "`chat_template` and `tokenizer_config_path` both give the chat template: pass one"),
+        (not c.ngrok, "`ngrok`: ngrok tunnelling is not supported"),
+        (all(c.cors_allow_origin), "`cors_allow_origin` must not be empty"),
         (all(c.served_model_name), "`served_model_name` must not be empty"),
         (c.validation_workers > 0, "`validation_workers` must be > 0"),
         (0 <= c.prometheus_port <= 65535, "`prometheus_port` must be between 0 and 65535"),

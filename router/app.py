@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from tgi_server.router.batcher import Batcher, BatchingConfig
 from tgi_server.router.block_allocator import BlockAllocator
@@ -159,6 +160,10 @@ def create_app(config: RouterConfig, client: ShardedClient | None = None, tokeni
                 await app.state.router.client.close()
             app.state.router.validation_pool.shutdown(wait=False)
 
+    # NOTE: TGI's CORS: any origin unless `--cors-allow-origin` lists them, GET and POST, the
+    # content-type header (and authorization here, so that browsers can send an API key).
+    cors = Middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origin) or ["*"],
+                      allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"])
     guard = Middleware(RequestGuard, api_key=config.api_key, payload_limit=config.payload_limit)
-    return Starlette(routes=routes() + openai.routes() + openapi.routes(), middleware=[guard],
+    return Starlette(routes=routes() + openai.routes() + openapi.routes(), middleware=[cors, guard],
                      exception_handlers=exception_handlers(), lifespan=lifespan)

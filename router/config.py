@@ -44,3 +44,5 @@ class RouterConfig:
     validation_workers: int = 2
     # /metrics is also served on this port (TGI's `--prometheus-port`); 0: not served.
     prometheus_port: int = 9000
+    # Origins browsers may call the API from (CORS); empty: any, as TGI.
+    cors_allow_origin: tuple[str, ...] = ()

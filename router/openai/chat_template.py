@@ -7,6 +7,7 @@ The template is the `--chat-template` file or the tokenizer's own (`tokenizer_co
 or `chat_template.jinja`); transformers renders it in a sandboxed Jinja environment.
 """
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,29 @@ class ChatTemplateError(ValueError):
 
 
 def read_chat_template(value: str | None) -> str | None:
-    """The `--chat-template` override: a file's text, or the value itself if it is a template."""
+    """The `--chat-template` override: a file's text, or the value itself if it is a template.
+    A JSON file is a tokenizer config (TGI's `--tokenizer-config-path`): its `chat_template`,
+    or None (the tokenizer's own) when it has none."""
     if value is None:
         return None
     path = Path(value)
+    if path.is_file() and path.suffix == ".json":
+        return _template_of(json.loads(path.read_text()), value)
     if path.is_file():
         return path.read_text()
     if "{{" in value or "{%" in value:
         return value
     raise FileNotFoundError(f"--chat-template {value!r}: no such file")
+
+
+def _template_of(config: dict[str, Any], source: str) -> str | None:
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates, as transformers saves several
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{source}: `chat_template` is neither a template nor a list of them")
+    return template
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], template: str | None) -> str:

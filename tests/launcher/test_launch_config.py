@@ -5,10 +5,12 @@ import os
 import socket
 
 import pytest
+import torch
 import typer
+from typer.testing import CliRunner
 
 from tgi_server.launcher.argv import from_argv, to_argv
-from tgi_server.launcher.cli import parse_config
+from tgi_server.launcher.cli import app, parse_config, runtime_environment
 from tgi_server.launcher.config import LaunchConfig, default_num_threads
 from tgi_server.router.config import RouterConfig
 from tgi_server.shard.config import ShardConfig
@@ -127,6 +129,10 @@ def test_aliases_and_flags(argv, field, expected):
     (["--lora-adapters", "a,b"], "`lora_adapters` a,b: LoRA adapters are not supported yet"),
     (["--rope-scaling", "linear", "--rope-factor", "2"], "`rope_scaling` linear: .*config.json"),
     (["--rope-factor", "2"], "`rope_factor` 2.0: a rope-scaling override is not supported"),
+    (["--weights-cache-override", "/w"], "pass the weights' directory as `--model-id`"),
+    (["--ngrok"], "ngrok tunnelling is not supported"),
+    (["--tokenizer-config-path", "/no/such.json"], "`tokenizer_config_path` '/no/such.json'"),
+    (["--cors-allow-origin", ","], "`cors_allow_origin` must not be empty"),
 ])
 def test_bad_combinations_are_usage_errors(argv, message):
     with pytest.raises(typer.BadParameter, match=message):
@@ -145,6 +151,34 @@ def test_tgi_flags_that_change_nothing_here_are_accepted_and_said_so():
     assert notes[0].startswith("--cuda-graphs") and "ignored" in notes[0]
     assert notes[1].startswith("--otlp-endpoint") and "no spans are exported" in notes[1]
     assert parse_config(["--model-id", "m"]).ignored_flags() == []
+
+
+def test_tokenizer_config_and_cors_origins_reach_the_router(tmp_path):
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text("{}")
+    config = parse_config(["--model-id", "m", "--tokenizer-config-path", str(path),
+                           "--cors-allow-origin", "https://a.example,https://b.example",
+                           "--cors-allow-origin", "https://c.example"])
+    router = config.resolved().to_router_config()
+    assert router.chat_template == str(path)
+    assert router.cors_allow_origin == ("https://a.example", "https://b.example",
+                                        "https://c.example")
+    with pytest.raises(typer.BadParameter, match="both give the chat template"):
+        parse_config(["--model-id", "m", "--tokenizer-config-path", str(path),
+                      "--chat-template", str(path)])
+
+
+def test_watermark_flags_are_accepted_and_said_to_change_nothing():
+    notes = parse_config(["--model-id", "m", "--watermark-gamma", "0.5"]).ignored_flags()
+    assert notes == ["--watermark-gamma/--watermark-delta: watermarking is not built yet; "
+                     "requests asking for it are refused (HTTP 422)"]
+
+
+def test_version_and_environment():
+    result = CliRunner().invoke(app, ["-V"])
+    assert result.exit_code == 0 and result.output.startswith("tgi-launch ")
+    env = runtime_environment()
+    assert f"torch: {torch.__version__}" in env and "python: " in env
 
 
 def test_hub_cache_and_router_settings_reach_the_children():

@@ -381,6 +381,26 @@ async def test_requests_are_validated_on_the_validation_workers(tokenizer, monke
     assert len(threads) == 1 and threads.pop().startswith("validation")
 
 
+async def test_cors_allows_any_origin_unless_origins_are_listed(tokenizer):
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    async with serve(tokenizer) as router:  # TGI's default: any origin
+        r = await router.http.options("/generate", headers={"Origin": "https://ui.example",
+                                                            **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+        r = await router.http.get("/info", headers={"Origin": "https://ui.example"})
+        assert r.headers["access-control-allow-origin"] == "*"
+    async with serve(tokenizer, cors_allow_origin=("https://ui.example",)) as router:
+        r = await router.http.options("/generate", headers={"Origin": "https://ui.example",
+                                                            **preflight})
+        assert r.headers["access-control-allow-origin"] == "https://ui.example"
+        r = await router.http.options("/generate", headers={"Origin": "https://evil.example",
+                                                            **preflight})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = await router.http.get("/info", headers={"Origin": "https://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
 async def test_metrics(router):
     before = (await router.http.get("/metrics")).text
     for name in ("tgi_request_count", "tgi_request_success", "tgi_request_failure",

@@ -208,6 +208,29 @@ async def test_model_without_chat_template_is_a_400(tokenizer, tmp_path):
         assert router.fake.valid_requests[0].inputs == expected
 
 
+@pytest.mark.parametrize("form", ["text", "named", "absent"])
+async def test_a_tokenizer_config_gives_the_chat_template(tokenizer, tmp_path, form):
+    """TGI's `--tokenizer-config-path`: a tokenizer_config.json whose `chat_template` wins
+    (transformers saves several as a list of named ones); without one, the model's own."""
+    text = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+    config = {"text": {"chat_template": text},
+              "named": {"chat_template": [{"name": "tool_use", "template": "x"},
+                                          {"name": "default", "template": text}]},
+              "absent": {"model_max_length": 10}}[form]
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps(config))
+    async with serve(tokenizer, chat_template=str(path)) as router:
+        r = await post(router, "/v1/chat/completions", messages=MESSAGES, max_tokens=1)
+        assert r.status_code == 200, r.text
+        prompt = router.fake.valid_requests[0].inputs
+    if form == "absent":
+        assert prompt == tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                                       tokenize=False)
+    else:
+        assert prompt == "<system>You are terse.<user>Say something.<assistant>"
+
+
 async def test_template_errors_are_a_400(tokenizer, tmp_path):
     template = tmp_path / "t.jinja"
     template.write_text("{{ raise_exception('roles must alternate') }}")
