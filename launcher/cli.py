@@ -258,12 +258,13 @@ def tgi_launch(
     )] = None,
     rope_scaling: Annotated[str | None, _opt(
         "--rope-scaling", env="ROPE_SCALING",
-        help="Not supported yet as a flag (refused at start): the model's config.json "
-             "`rope_scaling` is applied.",
+        help="linear or dynamic: replaces the model config's rope scaling (with --rope-factor, "
+             "default 1). Linear scaling by F also lets positions reach F x the config's "
+             "max_position_embeddings.",
     )] = None,
     rope_factor: Annotated[float | None, _opt(
         "--rope-factor", env="ROPE_FACTOR",
-        help="Not supported yet as a flag (refused at start), as --rope-scaling.",
+        help="The rope scaling factor; alone it means linear scaling, as TGI.",
     )] = None,
     weights_cache_override: Annotated[str | None, _opt(
         "--weights-cache-override", env="WEIGHTS_CACHE_OVERRIDE",

@@ -65,6 +65,9 @@ class LaunchConfig:
     disable_lookahead: bool = False
     # N-gram speculation: draft tokens per request and step (TGI's `--speculate`); None: none.
     speculate: int | None = None
+    # TGI's rope override (replaces the config's rope scaling): linear or dynamic, and a factor.
+    rope_scaling: str | None = None
+    rope_factor: float | None = None
     api_key: str | None = None
     # OpenAI API: chat template file override; names clients may ask for (default: model id).
     chat_template: str | None = None
@@ -96,8 +99,6 @@ class LaunchConfig:
     quantize: str | None = None
     kv_cache_dtype: str | None = None
     lora_adapters: str | None = None
-    rope_scaling: str | None = None
-    rope_factor: float | None = None
     weights_cache_override: str | None = None
     ngrok: bool = False
     ngrok_authtoken: str | None = None
@@ -150,6 +151,7 @@ class LaunchConfig:
             trust_remote_code=self.trust_remote_code,
             disable_custom_kernels=self.disable_custom_kernels,
             speculate=self.speculate or 0,
+            rope_scaling=self.rope_scaling, rope_factor=self.rope_factor,
             grpc_port=None if self.grpc_port_base is None else self.grpc_port_base + rank,
         )
 
@@ -198,10 +200,6 @@ NOT_YET = {
     "quantize": "quantized weights are not supported yet; serve the unquantized model",
     "kv_cache_dtype": "an fp8 KV cache is not supported yet; the cache takes the model's dtype",
     "lora_adapters": "LoRA adapters are not supported yet",
-    "rope_scaling": "a rope-scaling override is not supported yet; set `rope_scaling` in the "
-                    "model's config.json (default, linear, dynamic, llama3 and yarn are read)",
-    "rope_factor": "a rope-scaling override is not supported yet; set `rope_scaling` in the "
-                   "model's config.json (default, linear, dynamic, llama3 and yarn are read)",
     "weights_cache_override": "not supported; pass the weights' directory as `--model-id`",
     "ngrok_authtoken": "ngrok tunnelling is not supported",
     "ngrok_edge": "ngrok tunnelling is not supported",
@@ -238,6 +236,8 @@ def _problems(c: LaunchConfig) -> list[str]:
         (all(c.cors_allow_origin), "`cors_allow_origin` must not be empty"),
         (all(c.served_model_name), "`served_model_name` must not be empty"),
         (c.validation_workers > 0, "`validation_workers` must be > 0"),
+        (c.rope_scaling in (None, "linear", "dynamic"), "`rope_scaling` must be linear or dynamic"),
+        (c.rope_factor is None or c.rope_factor > 0, "`rope_factor` must be > 0"),
         (0 <= c.prometheus_port <= 65535, "`prometheus_port` must be between 0 and 65535"),
         (c.usage_stats in USAGE_STATS, f"`usage_stats` must be one of {', '.join(USAGE_STATS)}"),
         (c.sharded is not True or c.num_shard > 1,

@@ -92,8 +92,8 @@ def set_cpu_threads(num_threads: int | None, world_size: int) -> int:
     return threads
 
 
-def _load_model(model_dir, dtype: torch.dtype, device: torch.device, tp):
-    model = load_model(model_dir, dtype, device, tp)
+def _load_model(model_dir, dtype: torch.dtype, device: torch.device, tp, rope):
+    model = load_model(model_dir, dtype, device, tp, rope)
     if device.type == "cpu":
         pack_linear_weights(model)
     return model
@@ -121,7 +121,8 @@ def build_service(config: ShardConfig) -> TextGenerationService:
     # a second thread's OpenMP team leaves its workers spinning against the first team's on
     # the same cores (batch-1 steps measured 1.3-1.5x slower, the CPU ~140% busy, not 200%).
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    model = executor.submit(_load_model, model_dir, dtype, device, tp).result()
+    model = executor.submit(_load_model, model_dir, dtype, device, tp,
+                            (config.rope_scaling, config.rope_factor)).result()
     runner = ModelRunner(model, device, dtype, config.block_size, speculate=config.speculate)
     hf = model.config
     info = pb.InfoResponse(

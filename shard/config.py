@@ -32,6 +32,10 @@ class ShardConfig:
     # Draft tokens a decode step may verify per request, copied from the request's own earlier
     # tokens (n-gram speculation, shard/speculation.py); 0: none.
     speculate: int = 0
+    # TGI's rope override, replacing the config's rope scaling: linear or dynamic, and its
+    # factor (`--rope-factor` alone: linear; `--rope-scaling` alone: factor 1).
+    rope_scaling: str | None = None
+    rope_factor: float | None = None
     # Also serve gRPC over TCP on grpc_host:grpc_port (None: the unix socket only), so a router
     # on another machine can reach this shard (multi-node, `tgi-router --shard-urls host:port`).
     grpc_port: int | None = None

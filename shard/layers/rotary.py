@@ -24,6 +24,23 @@ def rope_parameters(config) -> dict:
     return params
 
 
+def override_rope(config, scaling: str | None, factor: float | None) -> None:
+    """TGI's `--rope-scaling` / `--rope-factor`: replaces `config`'s rope scaling (theta kept).
+    Linear scaling by `factor` stretches the positions the model covers, so
+    `max_position_embeddings` grows with it; dynamic NTK rescales past it at run time."""
+    if scaling is None and factor is None:
+        return
+    rope_type, factor = scaling or "linear", float(factor or 1.0)
+    if rope_type not in ("linear", "dynamic") or factor <= 0:
+        raise ValueError(f"rope override {rope_type!r} x {factor}: linear or dynamic, factor > 0")
+    theta = rope_parameters(config)["rope_theta"]
+    # NOTE: rope_parameters only: in transformers 5 `rope_scaling` is its deprecated alias,
+    # and setting it replaces the dict (theta included).
+    config.rope_parameters = {"rope_type": rope_type, "factor": factor, "rope_theta": theta}
+    if rope_type == "linear" and factor > 1:
+        config.max_position_embeddings = int(config.max_position_embeddings * factor)
+
+
 def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # [dim / 2]
 

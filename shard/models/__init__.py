@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from ..distributed import ParallelState
+from ..layers.rotary import override_rope
 from ..weights import load_weights
 from .llama import LlamaForCausalLM
 
@@ -65,11 +66,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, tp: ParallelState
+    model_dir: Path, dtype: torch.dtype, device: torch.device, tp: ParallelState,
+    rope: tuple[str | None, float | None] = (None, None),
 ) -> nn.Module:
-    """Builds this rank's slice of the model on `device` in `dtype` and loads its weights."""
+    """Builds this rank's slice of the model on `device` in `dtype` and loads its weights.
+    `rope`: TGI's (`--rope-scaling`, `--rope-factor`) override of the config's rope scaling."""
     cls = model_class(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
+    override_rope(config, *rope)
     with _default_dtype(dtype), torch.device(device):
         model = cls(config, tp)
     load_weights(model, Path(model_dir))

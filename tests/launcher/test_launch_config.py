@@ -127,8 +127,8 @@ def test_aliases_and_flags(argv, field, expected):
     (["--quantize", "gptq"], "`quantize` gptq: quantized weights are not supported yet"),
     (["--kv-cache-dtype", "fp8_e5m2"], "`kv_cache_dtype` fp8_e5m2: an fp8 KV cache is not"),
     (["--lora-adapters", "a,b"], "`lora_adapters` a,b: LoRA adapters are not supported yet"),
-    (["--rope-scaling", "linear", "--rope-factor", "2"], "`rope_scaling` linear: .*config.json"),
-    (["--rope-factor", "2"], "`rope_factor` 2.0: a rope-scaling override is not supported"),
+    (["--rope-scaling", "yarn"], "`rope_scaling` must be linear or dynamic"),
+    (["--rope-factor", "0"], "`rope_factor` must be > 0"),
     (["--weights-cache-override", "/w"], "pass the weights' directory as `--model-id`"),
     (["--ngrok"], "ngrok tunnelling is not supported"),
     (["--tokenizer-config-path", "/no/such.json"], "`tokenizer_config_path` '/no/such.json'"),
@@ -179,6 +179,13 @@ def test_version_and_environment():
     assert result.exit_code == 0 and result.output.startswith("tgi-launch ")
     env = runtime_environment()
     assert f"torch: {torch.__version__}" in env and "python: " in env
+
+
+def test_rope_override_reaches_the_shards():
+    config = parse_config(["--model-id", "m", "--rope-scaling", "dynamic", "--rope-factor", "2"])
+    shard = config.resolved().to_shard_config(0)
+    assert (shard.rope_scaling, shard.rope_factor) == ("dynamic", 2.0)
+    assert from_argv(ShardConfig, to_argv(shard)) == shard
 
 
 def test_hub_cache_and_router_settings_reach_the_children():

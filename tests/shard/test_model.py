@@ -18,7 +18,7 @@ from tgi_server.shard.distributed import ParallelState
 from tgi_server.shard.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
 from tgi_server.shard.layers import cpu_kernels
 from tgi_server.shard.layers.linear import pack_linear_weights
-from tgi_server.shard.layers.rotary import get_rope
+from tgi_server.shard.layers.rotary import get_rope, override_rope
 from tgi_server.shard.models import llama, load_model
 
 BLOCK_SIZE = 4
@@ -194,6 +194,45 @@ def test_rotary_matches_transformers(case):
     want_q, want_k = apply_rotary_pos_emb(*heads_first, cos, sin)
     torch.testing.assert_close(got_q, want_q[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_k, want_k[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("override, want", [
+    (("linear", 2.0), {"rope_type": "linear", "factor": 2.0}),
+    ((None, 2.0), {"rope_type": "linear", "factor": 2.0}),  # --rope-factor alone: linear
+    (("dynamic", None), {"rope_type": "dynamic", "factor": 1.0}),  # alone: factor 1
+])
+def test_rope_override_matches_the_same_scaling_in_the_config(model_dir, tmp_path, override, want):
+    """TGI's --rope-scaling / --rope-factor: the model computes what it computes with that
+    scaling written in its config.json (itself checked against transformers above)."""
+    plain = model_dir("llama")
+    path = tmp_path / "scaled"
+    shutil.copytree(plain, path)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    theta = AutoConfig.from_pretrained(plain).rope_parameters.get("rope_theta", 10000.0)
+    (path / "config.json").write_text(json.dumps({**config, "rope_scaling": want,
+                                                  "rope_theta": theta}))
+    overridden = load_model(plain, torch.float32, torch.device("cpu"), ParallelState(), override)
+    written = load_model(path, torch.float32, torch.device("cpu"), ParallelState())
+    untouched = load_model(plain, torch.float32, torch.device("cpu"), ParallelState())
+    positions = max(want["factor"], 1) * untouched.config.max_position_embeddings
+    assert overridden.config.max_position_embeddings == positions  # linear x2 covers 2x
+    seqs = prompts(untouched.config.vocab_size, [20, 13], seed=5)
+    got = Paged(overridden, num_seqs=2, seed=5).step([0, 1], seqs)
+    expected = Paged(written, num_seqs=2, seed=5).step([0, 1], seqs)
+    before = Paged(untouched, num_seqs=2, seed=5).step([0, 1], seqs)
+    for g, e, b in zip(got, expected, before):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+        if want["rope_type"] == "linear":
+            assert not torch.allclose(g, b, atol=1e-3)  # the override did change the model
+
+
+def test_rope_override_refuses_other_types():
+    config = AutoConfig.for_model("llama", max_position_embeddings=64)
+    with pytest.raises(ValueError, match="linear or dynamic"):
+        override_rope(config, "yarn", 2.0)
+    override_rope(config, None, None)  # nothing asked: nothing changed
+    assert config.max_position_embeddings == 64
 
 
 def test_forward_context_does_not_nest():
