@@ -228,12 +228,12 @@ def tgi_launch(
     )] = "on",
     otlp_endpoint: Annotated[str | None, _opt(
         "--otlp-endpoint", env="OTLP_ENDPOINT",
-        help="Accepted for TGI compatibility; tracing is not built yet, so the launcher "
-             "logs that no spans are exported.",
+        help="OTLP/gRPC collector the router sends a span per generation request to (with "
+             "validate, queue and infer inside; a `traceparent` header is continued).",
     )] = None,
     otlp_service_name: Annotated[str, _opt(
         "--otlp-service-name", env="OTLP_SERVICE_NAME",
-        help="Accepted with --otlp-endpoint.",
+        help="The service name of those spans.",
     )] = "text-generation-inference.router",
     watermark_gamma: Annotated[float | None, _opt(
         "--watermark-gamma", env="WATERMARK_GAMMA",

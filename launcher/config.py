@@ -83,6 +83,8 @@ class LaunchConfig:
     prometheus_port: int = 9000
     huggingface_hub_cache: str | None = None
     cors_allow_origin: tuple[str, ...] = ()
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "text-generation-inference.router"
     # TGI's tokenizer config file: its `chat_template` is the chat template (`chat_template`).
     tokenizer_config_path: str | None = None
     show_env: bool = False
@@ -91,8 +93,6 @@ class LaunchConfig:
     cuda_graphs: str | None = None
     disable_grammar_support: bool = False
     usage_stats: str = "on"
-    otlp_endpoint: str | None = None
-    otlp_service_name: str = "text-generation-inference.router"
     watermark_gamma: float | None = None
     watermark_delta: float | None = None
     # TGI features not built yet: setting one is a usage error, not a silent difference.
@@ -125,9 +125,6 @@ class LaunchConfig:
         if self.watermark_gamma is not None or self.watermark_delta is not None:
             notes.append("--watermark-gamma/--watermark-delta: watermarking is not built yet; "
                          "requests asking for it are refused (HTTP 422)")
-        if self.otlp_endpoint is not None:
-            notes.append("--otlp-endpoint: tracing is not built yet, no spans are exported; "
-                         "/metrics and the logs are all there is")
         return notes
 
     def resolved(self) -> "LaunchConfig":
@@ -192,6 +189,7 @@ _SHARED_ROUTER_FIELDS = (
     "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
     "max_waiting_tokens", "waiting_served_ratio", "enable_prefill_logprobs", "disable_lookahead",
     "api_key", "served_model_name", "validation_workers", "prometheus_port", "cors_allow_origin",
+    "otlp_endpoint", "otlp_service_name",
 )
 
 USAGE_STATS = ("on", "off", "no-stack")

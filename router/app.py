@@ -26,6 +26,7 @@ from tgi_server.router.infer import Infer
 from tgi_server.router.metrics import Metrics
 from tgi_server.router.queue import Queue
 from tgi_server.router.tokenizer import load_tokenizer
+from tgi_server.router.tracing import TracingMiddleware
 from tgi_server.router.validation import Validator
 
 logger = logging.getLogger(__name__)
@@ -165,5 +166,6 @@ def create_app(config: RouterConfig, client: ShardedClient | None = None, tokeni
     cors = Middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origin) or ["*"],
                       allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"])
     guard = Middleware(RequestGuard, api_key=config.api_key, payload_limit=config.payload_limit)
-    return Starlette(routes=routes() + openai.routes() + openapi.routes(), middleware=[cors, guard],
+    return Starlette(routes=routes() + openai.routes() + openapi.routes(),
+                     middleware=[cors, Middleware(TracingMiddleware), guard],
                      exception_handlers=exception_handlers(), lifespan=lifespan)

@@ -46,3 +46,6 @@ class RouterConfig:
     prometheus_port: int = 9000
     # Origins browsers may call the API from (CORS); empty: any, as TGI.
     cors_allow_origin: tuple[str, ...] = ()
+    # Request spans go to this OTLP/gRPC collector (tracing.py); None: no tracing.
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "text-generation-inference.router"

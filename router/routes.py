@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tgi_server.router import protocol as p
+from tgi_server.router import tracing
 from tgi_server.router.infer import InferError, InferEvent, TokenInfo
 from tgi_server.router.metrics import METRICS_MEDIA_TYPE
 from tgi_server.router.streaming import sse_response
@@ -59,8 +60,9 @@ async def validate(request: Request, inputs: str, parameters: p.GenerateParamete
     state.metrics.request_count.inc()
     start = time.monotonic()
     try:
-        valid = await state.in_validation_pool(state.validator.validate, inputs, parameters,
-                                               stream, add_special_tokens=add_special_tokens)
+        with tracing.span("validate"):
+            valid = await state.in_validation_pool(state.validator.validate, inputs, parameters,
+                                                   stream, add_special_tokens=add_special_tokens)
     except ValidationError as e:
         state.metrics.request_failure.inc(err="validation")
         raise validation_error(str(e)) from e
@@ -112,6 +114,13 @@ def record_success(state, valid: ValidRequest, final: InferEvent, validated_at: 
     m.request_input_length.observe(valid.num_prompt_tokens)
     m.request_max_new_tokens.observe(valid.stopping.max_new_tokens)
     ms = lambda s: str(int(s * 1000))  # noqa: E731
+    tracing.record(
+        {"total_time_ms": (now - validated_at) * 1000,
+         "validation_time_ms": (final.queued_at - validated_at) * 1000,
+         "queue_time_ms": (final.started_at - final.queued_at) * 1000,
+         "inference_time_ms": inference * 1000, "time_per_token_ms": per_token * 1000},
+        final.queued_at, final.started_at, prompt_tokens=valid.num_prompt_tokens,
+        generated_tokens=n, finish_reason=final.finish_reason.value)
     return {
         "x-compute-type": state.info.device_type,
         "x-total-time": ms(now - validated_at),

@@ -15,6 +15,7 @@ import sys
 import uvicorn
 
 from tgi_server.launcher.argv import from_argv
+from tgi_server.router import tracing
 from tgi_server.router.app import build_state, create_app
 from tgi_server.router.client import ShardedClient
 from tgi_server.router.config import RouterConfig
@@ -37,6 +38,8 @@ async def serve(config: RouterConfig) -> None:
         raise SystemExit(1) from None
     app = Drain(create_app(config, state=state))
     metrics_server = await serve_metrics_port(config, state.metrics)
+    spans = tracing.init(config.otlp_endpoint, config.otlp_service_name) \
+        if config.otlp_endpoint else None
     server = DrainingServer(uvicorn.Config(
         app,
         host=config.hostname,
@@ -50,6 +53,8 @@ async def serve(config: RouterConfig) -> None:
     finally:
         if metrics_server is not None:
             metrics_server.close()
+        if spans is not None:
+            spans.shutdown()  # flushes the spans still batched
 
 
 async def serve_metrics_port(config: RouterConfig, metrics: Metrics) -> asyncio.Server | None:

@@ -139,18 +139,17 @@ def test_bad_combinations_are_usage_errors(argv, message):
         parse_config(["--model-id", "m", *argv])
 
 
-def test_tgi_flags_that_change_nothing_here_are_accepted_and_said_so():
+def test_tgi_flags_are_accepted_and_those_that_change_nothing_said_so():
     config = parse_config([
         "--model-id", "m", "--num-shard", "2", "--sharded", "true", "--cuda-graphs", "1,2,4",
         "--disable-grammar-support", "--usage-stats", "no-stack", "--otlp-endpoint",
         "http://collector:4317", "--otlp-service-name", "svc",
     ])
     assert (config.sharded, config.num_shard) == (True, 2)
-    notes = config.ignored_flags()
-    assert len(notes) == 2
-    assert notes[0].startswith("--cuda-graphs") and "ignored" in notes[0]
-    assert notes[1].startswith("--otlp-endpoint") and "no spans are exported" in notes[1]
+    assert config.ignored_flags() == ["--cuda-graphs: tgi-server captures no CUDA graphs; ignored"]
     assert parse_config(["--model-id", "m"]).ignored_flags() == []
+    router = config.resolved().to_router_config()  # tracing is the router's
+    assert (router.otlp_endpoint, router.otlp_service_name) == ("http://collector:4317", "svc")
 
 
 def test_tokenizer_config_and_cors_origins_reach_the_router(tmp_path):

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 import httpx
 import pytest
 from fake_shard import FakeShardClient, chain, logprob
-from transformers import AutoTokenizer
 
 from tgi_server.launcher.config import free_port
 from tgi_server.router.app import RouterState, create_app
@@ -27,11 +26,6 @@ from tgi_server.router.validation import Validator
 MODEL_ID = "fake-org/fake-model"
 PROMPT = "def main"
 NUM_BLOCKS, BLOCK_SIZE, MAX_POSITIONS = 64, 4, 128
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir("llama", "tiny"))
 
 
 @dataclass

@@ -4,17 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
 # NOTE: tests/router holds fake_shard.py; pytest puts only this folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from openai_app import serve  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir("llama", "tiny"))
 
 
 @pytest.fixture
