@@ -176,11 +176,17 @@ class Batcher:
         if method == "decode":
             m.batch_concat_duration.labels(method).observe(result.concat_ns / 1e9)
         m.batch_inference_success.inc(method=method)
+        start = time.monotonic()
+        stepped: set[int] = set()
         for generation in result.generations:
+            if generation.request_id not in stepped:  # a step's first token for the request
+                stepped.add(generation.request_id)
+                m.request_skipped_tokens.observe(generation.accepted)
             if generation.drafted:
                 m.speculation_draft_tokens.inc(generation.drafted)
                 m.speculation_accepted_tokens.inc(generation.accepted)
             self._dispatch(generation)
+        m.batch_decode_duration.labels(method).observe(time.monotonic() - start)
         return await self._filter(result.batch)
 
     async def _filter(self, cached: CachedBatch | None) -> CachedBatch | None:

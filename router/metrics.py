@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Tokens a step gave beyond its first: at most --speculate (TGI's buckets are 0..speculate).
+SKIPPED_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 12, 16)
 
 
 class Counter:
@@ -100,6 +102,13 @@ class Metrics:
         self.batch_concat_duration = hist(
             "tgi_batch_concat_duration", "Shard time joining batches (s)", DURATION_BUCKETS, ("method",))
         self.batch_filter_duration = hist("tgi_batch_filter_duration", "FilterBatch time (s)", DURATION_BUCKETS)
+        # TGI's shard detokenizes; here the router does, as it hands out a step's tokens.
+        self.batch_decode_duration = hist(
+            "tgi_batch_decode_duration", "Detokenizing and handing out a step's tokens (s)",
+            DURATION_BUCKETS, ("method",))
+        self.request_skipped_tokens = hist(
+            "tgi_request_skipped_tokens", "Speculated tokens a step gave a request beyond its first",
+            SKIPPED_BUCKETS)
         self.batch_next_size = hist("tgi_batch_next_size", "Size of each new batch", SIZE_BUCKETS)
 
     def render(self) -> bytes:

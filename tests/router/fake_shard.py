@@ -252,10 +252,14 @@ class FakeShardClient:
     def _generate(self, batch: FakeBatch, prefill: bool):
         generations = []
         for r in batch.requests:
+            step = []
             for i in range(1 if prefill else self.tokens_per_step):
                 if r.finish_reason is not None:
                     break
-                generations.append(self._token(r, prefill and i == 0))
+                step.append(self._token(r, prefill and i == 0))
+            if len(step) > 1:  # as the real client reports a step's accepted drafts
+                step[0] = replace(step[0], drafted=len(step) - 1, accepted=len(step) - 1)
+            generations += step
         if all(r.finish_reason is not None for r in batch.requests):
             return StepResult(generations, None, forward_ns=1000)
         self.batches[batch.id] = batch

@@ -405,7 +405,9 @@ async def test_metrics(router):
                  "tgi_request_inference_duration", "tgi_request_mean_time_per_token_duration",
                  "tgi_request_generated_tokens", "tgi_request_input_length",
                  "tgi_request_max_new_tokens", "tgi_batch_inference_duration",
-                 "tgi_batch_forward_duration", "tgi_batch_next_size"):
+                 "tgi_batch_forward_duration", "tgi_batch_next_size", "tgi_batch_decode_duration",
+                 "tgi_request_skipped_tokens", "tgi_batch_filter_duration",
+                 "tgi_batch_concat_duration"):
         assert f"# TYPE {name} " in before, name
     assert "# TYPE tgi_request_count counter" in before
     assert metric(before, "tgi_batch_max_total_tokens") == NUM_BLOCKS * BLOCK_SIZE
@@ -431,5 +433,9 @@ async def test_metrics(router):
     assert moved('tgi_batch_forward_duration_count{method="decode"}') == 4
     assert moved('tgi_batch_forward_duration_sum{method="decode"}') == pytest.approx(4e-6)
     assert moved('tgi_batch_concat_duration_count{method="decode"}') == 4
+    assert moved('tgi_batch_decode_duration_count{method="decode"}') == 4
+    assert moved('tgi_batch_decode_duration_count{method="prefill"}') == 2
+    # one observation per request per step (6: 2 prefills + 4 decodes), none speculated
+    assert (moved("tgi_request_skipped_tokens_count"), moved("tgi_request_skipped_tokens_sum")) == (6, 0)
     assert metric(after, "tgi_batch_current_size") == 0
     assert metric(after, "tgi_queue_size") == 0

@@ -277,6 +277,12 @@ async def test_several_tokens_a_step_stream_one_event_each_and_stop_mid_step(
     assert server.fake.calls[:2] == [prefill(1, 1, 2), decode((1, (1, 2)))]
     assert filter_(1, 2) in server.fake.calls
     assert len([c for c in server.fake.calls if c[0] == "decode"]) == 2
+    # TGI's tgi_request_skipped_tokens: per request and step, the tokens beyond the first
+    # (2 prefills: 0 and 0; decode 1: 3 and 3, request 1's cut by its stop sequence after;
+    # decode 2: 1)
+    skipped = server.metrics.request_skipped_tokens.collect()[0].samples
+    values = {s.name.removeprefix("tgi_request_skipped_tokens"): s.value for s in skipped}
+    assert (values["_count"], values["_sum"]) == (5, 7)
     await server.check_done()
 
 
