@@ -3,13 +3,16 @@
 // Built with packed_linear.cpp into one extension (cpu_kernels.py); called by attention.py
 // as torch.ops.tgi_cpu.decode_attention, for decode steps and for the rows of a short
 // prefill, each then a one-token query over its own context. The torch path gathers every
-// sequence's blocks into a padded copy per layer, then runs SDPA; here each (sequence, KV
-// head) task reads its blocks in place, once, for the `heads / kv_heads` query heads that
-// share them.
+// sequence's blocks into a padded copy per layer, then runs SDPA; here each task reads a
+// stretch of one sequence's blocks in place, once, for all the query heads.
+// A context is cut into partitions of kPartition tokens, one task each, whose softmaxes are
+// combined after (as flash-decoding does), so one long context keeps every thread busy; a
+// task reads its tokens 16 rows at a time, each row holding all KV heads, and fetches the
+// next 16 while it multiplies (NOTES 52; before, one task per sequence and KV head read a
+// quarter of each row at a time).
 // Scores and softmax in float32; the output is rounded once to the query's dtype. Scores are
 // reduced and exponentiated 16 tokens at a time (benchmarks/NOTES.md 8, 11); each cache row
-// is widened once for all the query heads of a pass, and rows are prefetched ahead, since
-// the blocks are scattered and waiting on memory was most of the cost (NOTES 22).
+// is widened once for all the query heads that share it.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +25,7 @@
 #include "simd.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -50,192 +54,315 @@ inline __m512 transpose_sum16(const __m512* v) {
                        _mm512_shuffle_f32x4(octs[0], octs[1], 0xDD));
 }
 
-// One (sequence, KV head) task: its tokens [start, start + n) in the paged cache
-// [blocks, block_size, kv_heads, head_dim] through `table`, and its query heads' score rows,
-// `stride` apart.
-struct Span {
-  const int64_t* table;
-  int64_t start, n, block_size, kv_heads, head_dim, kv_head, stride;
-};
-
 // Accumulator vectors per row: CH = head_dim / 16 when known at compile time, else up to 16.
 template <int CH>
 constexpr int kMaxChunks = CH > 0 ? CH : 16;
-template <int CH>
-inline int64_t chunks_of(const Span& s) { return CH > 0 ? CH : s.head_dim / 16; }
 
-// Walks a span's tokens through its block table without a division per token, prefetching
-// the same row of the next block (a block's rows are not contiguous per head, and the blocks
-// are scattered: the hardware prefetcher does not follow them).
-template <typename T>
-struct TokenCursor {
-  const T* cache;
+// A task's share of the softmax over its tokens for each of its query heads: the running
+// maximum `m`, the sum `l` of exp(score - m), and `acc`, the values weighted by those
+// exponentials, [heads, head_dim] (indexed by query head; a task fills only its own).
+struct Partial {
+  float *m, *l, *acc;
+};
+
+// What every task shares: the cache geometry and the scaled query rows of the task's sequence.
+struct Geometry {
+  int64_t block_size, kv_heads, group, head_dim;
+  int64_t row() const { return kv_heads * head_dim; }  // elements of one token's cache row
+};
+
+// Runs pass<HN>(h0) over a group's heads [h0, h0 + HN), HN = HG while HG heads are left,
+// then 2, then 1.
+template <int HG, typename Pass>
+inline void by_heads(int64_t group, const Pass& pass) {
+  int64_t h0 = 0;
+  for (; h0 + HG <= group; h0 += HG) pass(std::integral_constant<int, HG>{}, h0);
+  if constexpr (HG > 2)
+    for (; h0 + 2 <= group; h0 += 2) pass(std::integral_constant<int, 2>{}, h0);
+  for (; h0 < group; ++h0) pass(std::integral_constant<int, 1>{}, h0);
+}
+
+// Fetches the 64-byte lines of one KV head's slice of a cache row (to L1 with T0, L2 with T1).
+template <int HINT, typename T>
+inline void prefetch_slice(const T* slice, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(slice);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, static_cast<_mm_hint>(HINT));
+}
+
+// A run: at most 16 consecutive cache rows of a sequence within one block; `at` is its first
+// row's element offset in a cache, `n` its length, and the same for the run after it (n 0:
+// none).
+struct Run {
+  int64_t at, n, next_at, next_n;
+};
+
+// A sequence's tokens [lo, hi) as runs.
+struct Runs {
   const int64_t* table;
-  int64_t block_size, row_stride, head_offset, block, offset, last_block, row_bytes;
-  TokenCursor(const T* cache, const Span& s)
-      : cache(cache), table(s.table), block_size(s.block_size),
-        row_stride(s.kv_heads * s.head_dim), head_offset(s.kv_head * s.head_dim),
-        block(s.start / s.block_size), offset(s.start % s.block_size),
-        last_block((s.start + s.n - 1) / s.block_size),
-        row_bytes(s.head_dim * int64_t(sizeof(T))) {}
-  const T* row(int64_t b) const {
-    return cache + (table[b] * block_size + offset) * row_stride + head_offset;
+  int64_t block_size, row, hi;
+  int64_t at(int64_t t) const {
+    return (table[t / block_size] * block_size + t % block_size) * row;
   }
-  // Also fetches this token's row of `other` (the values, while the keys are walked) to L2.
-  const T* next(const T* other = nullptr) {
-    const T* current = row(block);
-    if (other != nullptr) {
-      const char* v = reinterpret_cast<const char*>(other + (current - cache));
-      for (int64_t byte = 0; byte < row_bytes; byte += 64) _mm_prefetch(v + byte, _MM_HINT_T1);
-    }
-    if (block < last_block) {
-      const char* ahead = reinterpret_cast<const char*>(row(block + 1));
-      for (int64_t byte = 0; byte < row_bytes; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
-    }
-    if (++offset == block_size) offset = 0, ++block;
-    return current;
+  int64_t length(int64_t t) const {
+    return std::min<int64_t>({16, block_size - t % block_size, hi - t});
+  }
+  Run from(int64_t t) const {
+    const int64_t n = length(t), next = t + n;
+    return next < hi ? Run{at(t), n, at(next), length(next)} : Run{at(t), n, 0, 0};
   }
 };
 
-// Scores of query heads [h0, h0 + HN) over the span's tokens, 16 tokens at a time: each key
-// row is loaded (and widened) once for the HN heads, each head's 16 partial dot products
-// reduced in one go. qf rows are pre-scaled float32. The first pass (h0 == 0) also fetches
-// each token's value row to L2 for values_pass.
-template <typename T, int CH, int HN>
-void scores_pass(const float* qf, const T* k_cache, const T* v_cache, const Span& s, int64_t h0,
-                 float* scores) {
-  const int64_t chunks = chunks_of<CH>(s), head_dim = s.head_dim;
-  TokenCursor<T> keys(k_cache, s);
-  alignas(64) __m512 partial[HN][16];
-  for (int64_t base = 0; base < s.n; base += 16) {
-    const int64_t count = std::min<int64_t>(16, s.n - base);
+// f(run, t, g, hn, h0) for each run of tokens [t, runs.hi), each KV head g of [g0, g1) and
+// each pass over its query heads (by_heads): the order both the scores and values passes go.
+template <int HG, typename F>
+inline void each_pass(const Runs& runs, int64_t t, int64_t g0, int64_t g1, int64_t group,
+                      const F& f) {
+  while (t < runs.hi) {
+    const Run run = runs.from(t);
+    for (int64_t g = g0; g < g1; ++g)
+      by_heads<HG>(group, [&](auto hn, int64_t h0) { f(run, t, g, hn, h0); });
+    t += run.n;
+  }
+}
+
+// Sequence `table`'s tokens [lo, hi) (at most kPartition), KV heads [g0, g1) with their query
+// heads, into `part`. Three passes as one (sequence, KV head) task did before (NOTES 52), but
+// over all of a task's KV heads at once: each cache row holds them all, so a run of 16 rows
+// is one contiguous span, and the next run's rows are fetched slice by slice, spread over
+// this run's multiply-adds (fetched in one burst per run, they stalled the loop instead).
+// 1. Scores, a run at a time: each key row is widened once for the HN query heads that share
+//    it (their rows held in registers), their 16 partial dot products reduced in one go; the
+//    run's value rows go to L2.
+// 2. Per query head: the maximum, the exponentials in place, their sum.
+// 3. Values, a run at a time, each row widened once for HN heads, into `part.acc`.
+template <typename T, int CH>
+void attend_span(const float* qf, const T* k_cache, const T* v_cache, const int64_t* table,
+                 const Geometry& geo, int64_t lo, int64_t hi, int64_t g0, int64_t g1,
+                 float* scores, int64_t stride, Partial part) {
+  constexpr int HG = CH > 0 && CH <= 16 ? 16 / CH : 1;
+  const int64_t group = geo.group, head_dim = geo.head_dim, row = geo.row();
+  const int64_t chunks = CH > 0 ? CH : head_dim / 16;
+  const int64_t len = hi - lo;
+  const Runs runs{table, geo.block_size, row, hi};
+
+  const int64_t slice_bytes = head_dim * int64_t(sizeof(T));
+  each_pass<HG>(runs, lo, g0, g1, group,
+                [&](const Run& r, int64_t t, int64_t g, auto hn, int64_t h0) {
+    constexpr int HN = decltype(hn)::value;
+    const int64_t first = g * group + h0;
+    alignas(64) __m512 partial[HN][16];
+    __m512 qr[HN][kMaxChunks<CH>];  // the HN query rows, in registers for the run
+    for (int j = 0; j < HN; ++j)
+      for (int64_t c = 0; c < chunks; ++c)
+        qr[j][c] = _mm512_loadu_ps(qf + (first + j) * head_dim + c * 16);
     for (int64_t i = 0; i < 16; ++i) {
-      if (i >= count) {
+      if (i >= r.n) {
         for (int j = 0; j < HN; ++j) partial[j][i] = _mm512_setzero_ps();
         continue;
       }
-      const T* row = keys.next(h0 == 0 ? v_cache : nullptr);
+      const T* key = k_cache + r.at + i * row + g * head_dim;
+      // Spread over the run, slice by slice: this run's values and the next run's keys.
+      prefetch_slice<_MM_HINT_T1>(v_cache + r.at + i * row + g * head_dim, slice_bytes);
+      if (i < r.next_n)
+        prefetch_slice<_MM_HINT_T0>(k_cache + r.next_at + i * row + g * head_dim, slice_bytes);
       __m512 k[kMaxChunks<CH>];
-      for (int64_t c = 0; c < chunks; ++c) k[c] = load16(row + c * 16);
+      for (int64_t c = 0; c < chunks; ++c) k[c] = load16(key + c * 16);
       for (int j = 0; j < HN; ++j) {
-        const float* qj = qf + (h0 + j) * head_dim;
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t c = 0; c < chunks; ++c)
-          sum = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c * 16), k[c], sum);
-        partial[j][i] = sum;
+        // Two chains of multiply-adds, even and odd chunks, for twice the overlap.
+        __m512 even = _mm512_mul_ps(qr[j][0], k[0]), odd = _mm512_setzero_ps();
+        for (int64_t c = 1; c < chunks; c += 2) {
+          odd = _mm512_fmadd_ps(qr[j][c], k[c], odd);
+          if (c + 1 < chunks) even = _mm512_fmadd_ps(qr[j][c + 1], k[c + 1], even);
+        }
+        partial[j][i] = _mm512_add_ps(even, odd);
+      }
+    }
+    // NOTE: lanes past r.n land in the next run's place (or the row's padding): rewritten.
+    for (int j = 0; j < HN; ++j)
+      _mm512_storeu_ps(scores + (first + j) * stride + (t - lo), transpose_sum16(partial[j]));
+  });
+
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t h = g0 * group; h < g1 * group; ++h) {
+    float* s = scores + h * stride;
+    __m512 top = minus_inf;
+    for (int64_t i = 0; i < len; i += 16)
+      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, tail_mask(len - i), s + i));
+    part.m[h] = _mm512_reduce_max_ps(top);
+    const __m512 max = _mm512_set1_ps(part.m[h]);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < len; i += 16) {
+      const __m512 e = _mm512_maskz_mov_ps(tail_mask(len - i),
+                                           exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), max)));
+      _mm512_storeu_ps(s + i, e);
+      total = _mm512_add_ps(total, e);
+    }
+    part.l[h] = _mm512_reduce_add_ps(total);
+    for (int64_t c = 0; c < head_dim; c += 16)
+      _mm512_storeu_ps(part.acc + h * head_dim + c, _mm512_setzero_ps());
+  }
+
+  each_pass<HG>(runs, lo, g0, g1, group,
+                [&](const Run& r, int64_t t, int64_t g, auto hn, int64_t h0) {
+    constexpr int HN = decltype(hn)::value;
+    const int64_t first = g * group + h0;
+    __m512 acc[HN][kMaxChunks<CH>];
+    for (int j = 0; j < HN; ++j)
+      for (int64_t c = 0; c < chunks; ++c)
+        acc[j][c] = _mm512_loadu_ps(part.acc + (first + j) * head_dim + c * 16);
+    for (int64_t i = 0; i < r.n; ++i) {
+      const T* value = v_cache + r.at + i * row + g * head_dim;
+      if (i < r.next_n)
+        prefetch_slice<_MM_HINT_T0>(v_cache + r.next_at + i * row + g * head_dim, slice_bytes);
+      __m512 v[kMaxChunks<CH>];
+      for (int64_t c = 0; c < chunks; ++c) v[c] = load16(value + c * 16);
+      for (int j = 0; j < HN; ++j) {
+        const __m512 p = _mm512_set1_ps(scores[(first + j) * stride + (t - lo) + i]);
+        for (int64_t c = 0; c < chunks; ++c) acc[j][c] = _mm512_fmadd_ps(p, v[c], acc[j][c]);
       }
     }
     for (int j = 0; j < HN; ++j)
-      _mm512_storeu_ps(scores + (h0 + j) * s.stride + base, transpose_sum16(partial[j]));
-  }
-}
-
-// Outputs of query heads [h0, h0 + HN): the softmax numerators (`scores`) times the values,
-// each value row loaded once for the HN heads, times 1 / denominator, rounded once.
-template <typename T, int CH, int HN>
-void values_pass(const float* scores, const float* inv, const T* v_cache, const Span& s,
-                 int64_t h0, T* out) {
-  const int64_t chunks = chunks_of<CH>(s), head_dim = s.head_dim;
-  __m512 acc[HN][kMaxChunks<CH>];
-  for (int j = 0; j < HN; ++j)
-    for (int64_t c = 0; c < chunks; ++c) acc[j][c] = _mm512_setzero_ps();
-  TokenCursor<T> values(v_cache, s);
-  for (int64_t t = 0; t < s.n; ++t) {
-    const T* row = values.next();
-    __m512 v[kMaxChunks<CH>];
-    for (int64_t c = 0; c < chunks; ++c) v[c] = load16(row + c * 16);
-    for (int j = 0; j < HN; ++j) {
-      const __m512 p = _mm512_set1_ps(scores[(h0 + j) * s.stride + t]);
-      for (int64_t c = 0; c < chunks; ++c) acc[j][c] = _mm512_fmadd_ps(p, v[c], acc[j][c]);
-    }
-  }
-  alignas(64) float row[16];
-  for (int j = 0; j < HN; ++j) {
-    const __m512 scale_j = _mm512_set1_ps(inv[h0 + j]);
-    for (int64_t c = 0; c < chunks; ++c) {
-      _mm512_store_ps(row, _mm512_mul_ps(acc[j][c], scale_j));
-      for (int d = 0; d < 16; ++d) out[(h0 + j) * head_dim + c * 16 + d] = T(row[d]);
-    }
-  }
-}
-
-// One (sequence, KV head): the `group` query heads sharing it. q / out rows [group, D]; the
-// cache is [blocks, block_size, kv_heads, D]. CH = D / 16 when known at compile time (the
-// accumulators then live in registers), 0 for any other multiple of 16 up to 256. Heads go
-// through the two passes HG at a time, HG * CH accumulators filling half the registers.
-template <typename T, int CH>
-void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
-                int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t group,
-                int64_t head_dim, float scale, int64_t kv_head, T* out) {
-  constexpr int HG = CH > 0 && CH <= 16 ? 16 / CH : 1;
-  const int64_t n = end - start;
-  const int64_t stride = (n + 15) / 16 * 16;  // one score row per query head
-  const Span span{table, start, n, block_size, kv_heads, head_dim, kv_head, stride};
-  thread_local std::vector<float> qf, scores, inv;
-  qf.resize(group * head_dim);
-  scores.resize(group * stride);
-  inv.resize(group);
-  for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = float(q[i]) * scale;
-
-  // Runs pass<HN> over heads [h0, h0 + HN) for HN = HG while HG heads are left, then 2, 1.
-  auto by_heads = [&](auto pass) {
-    int64_t h0 = 0;
-    for (; h0 + HG <= group; h0 += HG) pass(std::integral_constant<int, HG>{}, h0);
-    if constexpr (HG > 2)
-      for (; h0 + 2 <= group; h0 += 2) pass(std::integral_constant<int, 2>{}, h0);
-    for (; h0 < group; ++h0) pass(std::integral_constant<int, 1>{}, h0);
-  };
-  by_heads([&](auto hn, int64_t h0) {
-    scores_pass<T, CH, decltype(hn)::value>(qf.data(), k_cache, v_cache, span, h0,
-                                            scores.data());
-  });
-
-  // Softmax numerators in place; 1 / denominator per head.
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < group; ++j) {
-    float* s = &scores[j * stride];
-    __m512 top = minus_inf;
-    for (int64_t t = 0; t < n; t += 16)
-      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, tail_mask(n - t), s + t));
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t t = 0; t < n; t += 16) {
-      const __mmask16 m = tail_mask(n - t);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), max)));
-      _mm512_storeu_ps(s + t, e);
-      total = _mm512_add_ps(total, e);
-    }
-    inv[j] = 1.f / _mm512_reduce_add_ps(total);
-  }
-
-  by_heads([&](auto hn, int64_t h0) {
-    values_pass<T, CH, decltype(hn)::value>(scores.data(), inv.data(), v_cache, span, h0, out);
+      for (int64_t c = 0; c < chunks; ++c)
+        _mm512_storeu_ps(part.acc + (first + j) * head_dim + c * 16, acc[j][c]);
   });
 }
+
+// out rows of query heads [h_begin, h_end): acc / l, rounded once to T (zeros for an empty
+// context).
+template <typename T>
+void write_out(const Partial& part, int64_t h_begin, int64_t h_end, int64_t head_dim, T* out) {
+  for (int64_t h = h_begin; h < h_end; ++h) {
+    const __m512 inv = _mm512_set1_ps(part.l[h] > 0.f ? 1.f / part.l[h] : 0.f);
+    for (int64_t c = 0; c < head_dim; c += 16)
+      tgi_simd::store16(out + h * head_dim + c,
+                        _mm512_mul_ps(_mm512_loadu_ps(part.acc + h * head_dim + c), inv));
+  }
+}
+
+// Tokens per partition of a context: positions [k * kPartition, (k + 1) * kPartition). A
+// partition is one task's tokens, and a context of several partitions combines their
+// softmaxes after, so a row's result depends on its own context only: not on the batch,
+// nor on the number of threads.
+constexpr int64_t kPartition = 256;
+// A query head's row of scores: a partition and the last run's 16 lanes past its end.
+constexpr int64_t kScoreStride = kPartition + 16;
+
+// One task: sequence `seq`'s tokens [lo, hi), KV heads [g0, g1); `slot` its Partial in the
+// scratch when the sequence has several partitions, else -1 (it writes the output itself).
+struct Task {
+  int64_t seq, lo, hi, g0, g1, slot;
+};
 
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t window,
             at::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
-  const int64_t group = heads / kv_heads, width = tables.size(1);
+  const Geometry geo{k_cache.size(1), k_cache.size(2), heads / k_cache.size(2), head_dim};
+  const int64_t width = tables.size(1), kv_heads = geo.kv_heads;
   const T *qp = q.data_ptr<T>(), *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  tgi_parallel::guided_for(batch * kv_heads, 1, [&](int64_t begin, int64_t finish) {
-    for (int64_t task = begin; task < finish; ++task) {
-      const int64_t b = task / kv_heads, g = task % kv_heads, end = lp[b];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-      const int64_t offset = (b * heads + g * group) * head_dim;
-      auto* one = &attend_one<T, 0>;
-      switch (head_dim / 16) {
-        case 2: one = &attend_one<T, 2>; break;
-        case 4: one = &attend_one<T, 4>; break;
-        case 8: one = &attend_one<T, 8>; break;
+
+  // The partitions of every context, and the contexts of several: {sequence, first scratch
+  // slot, partitions}.
+  std::vector<Task> tasks;
+  std::vector<std::array<int64_t, 3>> parted;
+  int64_t slots = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t end = lp[b], start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+    const int64_t first = start / kPartition, last = std::max(start, end - 1) / kPartition;
+    const bool several = last > first;
+    if (several) parted.push_back({b, slots, last - first + 1});
+    for (int64_t k = first; k <= last; ++k)
+      tasks.push_back({b, std::max(start, k * kPartition), std::min(end, (k + 1) * kPartition),
+                       0, kv_heads, several ? slots++ : -1});
+  }
+  if (tasks.empty()) return;
+  // Few tasks (one short context, a small batch): also split by KV head, which changes no
+  // result, so that every thread has work.
+  const int64_t threads = at::get_num_threads();
+  const int64_t split = std::min<int64_t>(kv_heads, (4 * threads + int64_t(tasks.size()) - 1) /
+                                                        int64_t(tasks.size()));
+  if (split > 1) {
+    std::vector<Task> finer;
+    const int64_t per = (kv_heads + split - 1) / split;
+    for (const Task& task : tasks)
+      for (int64_t g = 0; g < kv_heads; g += per)
+        finer.push_back({task.seq, task.lo, task.hi, g, std::min(kv_heads, g + per), task.slot});
+    tasks.swap(finer);
+  }
+
+  const int64_t per_slot = heads * (head_dim + 2);
+  // NOTE: kept from call to call (0.5 MB a layer at 32 x 1024 tokens). It is the calling
+  // thread's: the workers reach it through `shared` (in them the name is their own vector).
+  thread_local std::vector<float> scratch;
+  scratch.resize(std::max<size_t>(scratch.size(), slots * per_slot));
+  float* const shared = scratch.data();
+  auto slot_of = [&](int64_t slot) {
+    float* base = shared + slot * per_slot;
+    return Partial{base, base + heads, base + 2 * heads};
+  };
+  tgi_parallel::guided_for(int64_t(tasks.size()), 1, [&](int64_t begin, int64_t finish) {
+    thread_local std::vector<float> own, qf, scores;
+    own.resize(per_slot);
+    qf.resize(heads * head_dim);
+    scores.resize(heads * kScoreStride);
+    int64_t scaled = -1;  // the sequence whose scaled query rows are in qf
+    for (int64_t i = begin; i < finish; ++i) {
+      const Task& task = tasks[i];
+      const T* qs = qp + task.seq * heads * head_dim;
+      if (scaled != task.seq) {
+        for (int64_t e = 0; e < heads * head_dim; ++e) qf[e] = float(qs[e]) * float(scale);
+        scaled = task.seq;
       }
-      one(qp + offset, kp, vp, tp + b * width, start, end, block_size, kv_heads, group,
-          head_dim, float(scale), g, op + offset);
+      const Partial part = task.slot >= 0
+          ? slot_of(task.slot) : Partial{own.data(), own.data() + heads, own.data() + 2 * heads};
+      const int64_t h_begin = task.g0 * geo.group, h_end = task.g1 * geo.group;
+      if (task.hi <= task.lo) {  // an empty context
+        std::fill(part.acc + h_begin * head_dim, part.acc + h_end * head_dim, 0.f);
+        std::fill(part.l + h_begin, part.l + h_end, 0.f);
+      } else {
+        auto* span = &attend_span<T, 0>;
+        switch (head_dim / 16) {
+          case 2: span = &attend_span<T, 2>; break;
+          case 4: span = &attend_span<T, 4>; break;
+          case 8: span = &attend_span<T, 8>; break;
+        }
+        span(qf.data(), kp, vp, tp + task.seq * width, geo, task.lo, task.hi, task.g0, task.g1,
+             scores.data(), kScoreStride, part);
+      }
+      if (task.slot < 0)
+        write_out(part, h_begin, h_end, head_dim, op + task.seq * heads * head_dim);
+    }
+  });
+
+  // Contexts of several partitions: their softmaxes combined, in partition order.
+  tgi_parallel::guided_for(int64_t(parted.size()), 1, [&](int64_t begin, int64_t finish) {
+    thread_local std::vector<float> combined;
+    combined.resize(per_slot);
+    const Partial total{combined.data(), combined.data() + heads, combined.data() + 2 * heads};
+    for (int64_t i = begin; i < finish; ++i) {
+      const auto [b, first, count] = parted[i];
+      for (int64_t h = 0; h < heads; ++h) {
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t k = 0; k < count; ++k) top = std::max(top, slot_of(first + k).m[h]);
+        __m512 acc[16];
+        for (int64_t c = 0; c < head_dim / 16; ++c) acc[c] = _mm512_setzero_ps();
+        float l = 0.f;
+        for (int64_t k = 0; k < count; ++k) {
+          const Partial p = slot_of(first + k);
+          const float w = std::exp(p.m[h] - top);
+          l += p.l[h] * w;
+          const __m512 wv = _mm512_set1_ps(w);
+          for (int64_t c = 0; c < head_dim / 16; ++c)
+            acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(p.acc + h * head_dim + c * 16), wv, acc[c]);
+        }
+        total.l[h] = l;
+        for (int64_t c = 0; c < head_dim / 16; ++c)
+          _mm512_storeu_ps(total.acc + h * head_dim + c * 16, acc[c]);
+      }
+      write_out(total, 0, heads, head_dim, op + b * heads * head_dim);
     }
   });
 }

@@ -377,6 +377,62 @@ def test_decode_kernel_matches_the_torch_path(dtype, window, head_dim, group):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+def _long_contexts(dtype, lens, block_size, kv_heads=4, group=4, head_dim=64, seed=0):
+    """q and caches for contexts of `lens` tokens in scattered blocks, and their metadata."""
+    generator = torch.Generator().manual_seed(seed)
+    per_seq = -(-max(lens) // block_size)
+    num_blocks = per_seq * len(lens) + 3
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
+    q = torch.randn(len(lens), kv_heads * group, head_dim, generator=generator).to(dtype)
+    tables = torch.randperm(num_blocks, generator=generator)[:per_seq * len(lens)]
+    meta = AttentionMetadata.from_lists([1] * len(lens), lens, tables.view(len(lens), per_seq).tolist(),
+                                        block_size)
+    return q, k_cache, v_cache, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("block_size", [BLOCK_SIZE, 16])
+def test_decode_kernel_combines_the_partitions_of_long_contexts(dtype, window, block_size):
+    """Contexts past the kernel's 256-token partitions: one partition, exactly two, a third
+    begun, several; a sliding window starting inside a partition and inside a block."""
+    from tgi_server.shard.attention import _torch_paged_attention
+
+    if not cpu_kernels.available(dtype):
+        pytest.skip(f"the CPU kernels do not run {dtype} here")
+    q, k_cache, v_cache, meta = _long_contexts(dtype, [255, 256, 257, 513, 1100], block_size)
+    want = _torch_paged_attention(q, k_cache, v_cache, meta, 64 ** -0.5, window)
+    got = cpu_kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                       64 ** -0.5, window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernel_gives_a_row_the_same_bits_alone_in_any_batch_on_any_threads(dtype):
+    """A sequence's attention depends on its own context only: the kernel splits work by the
+    batch and the thread count (partitions, KV heads), never a row's arithmetic."""
+    if not cpu_kernels.available(dtype):
+        pytest.skip(f"the CPU kernels do not run {dtype} here")
+    q, k_cache, v_cache, meta = _long_contexts(dtype, [700, 40, 300, 1, 256, 90], 16, seed=3)
+    previous = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(cpu_kernels.decode_attention(q, k_cache, v_cache, meta.block_tables,
+                                                     meta.context_lens, 0.125, 0))
+            for row in (0, 3):  # alone: a long context, then a one-token one
+                alone = cpu_kernels.decode_attention(q[row:row + 1], k_cache, v_cache,
+                                                     meta.block_tables[row:row + 1],
+                                                     meta.context_lens[row:row + 1], 0.125, 0)
+                assert torch.equal(alone[0], outs[-1][row])
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 5])
 def test_short_prefills_attend_through_the_decode_kernel(dtype, window, monkeypatch):
