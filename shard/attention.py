@@ -222,19 +222,14 @@ def _use_flash(k_cache: Tensor) -> bool:
     return k_cache.is_cuda and k_cache.shape[1] % 256 == 0 and _flash_attn_installed()
 
 
-# Longest context whose prefill the CPU decode kernel attends (one query row at a time) at
-# least as fast as SDPA's flash kernel over gathered blocks: the attention alone 0.65-0.75x
-# SDPA's time at 128-512 tokens, 1.2x at 2048, 1.9x at 4096; a whole float32 prefill 5 % (32 x
-# 128 tokens) to 12 % (8 x 512) shorter, level at 2 x 1024 (benchmarks/NOTES.md 41).
-CPU_KERNEL_PREFILL_MAX_CONTEXT = 1024
-
-
-def _use_cpu_decode_kernel(q: Tensor, meta: AttentionMetadata, head_dim: int) -> bool:
-    # NOTE: it reads each sequence's blocks in place instead of gathering them per layer
-    # (benchmarks/NOTES.md); a prefill's rows go through it as one-token queries, each the
-    # last of its own context (`rows_as_decode`), while the contexts are short.
-    return ((meta.max_query_len == 1 or meta.max_context_len <= CPU_KERNEL_PREFILL_MAX_CONTEXT)
-            and q.device.type == "cpu" and head_dim % 16 == 0 and head_dim <= 256
+def _use_cpu_kernels(q: Tensor, head_dim: int) -> bool:
+    # NOTE: they read each sequence's blocks in place instead of gathering them per layer:
+    # decode_attention for steps that continue cached sequences, prefill_attention for fresh
+    # prompts
+    # (it transposes a sequence's keys once for all its rows: 0.42-0.88x the time of those rows
+    # through the decode kernel, which was itself 0.65-0.75x SDPA's flash kernel over gathered
+    # blocks at 128-512 tokens; benchmarks/NOTES.md 41, 54).
+    return (q.device.type == "cpu" and head_dim % 16 == 0 and head_dim <= 256
             and cpu_kernels.available(q.dtype))
 
 
@@ -295,7 +290,15 @@ class Attention(nn.Module):
         if _use_flash(self.k_cache):
             return _flash_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
                                           self.sliding_window)
-        if _use_cpu_decode_kernel(q, meta, self.head_dim):
+        if _use_cpu_kernels(q, self.head_dim):
+            if meta.fresh and meta.max_query_len > 1:
+                return cpu_kernels.prefill_attention(q, self.k_cache, self.v_cache,
+                                                     meta.block_tables, meta.cu_seqlens_q,
+                                                     meta.context_lens, self.scale,
+                                                     self.sliding_window)
+            # NOTE: rows continuing cached sequences (a decode step, a speculative step's
+            # drafts) as one-token queries each, as the fused decode layers take them (the
+            # same bits either way).
             tables, lens = rows_as_decode(meta, q.shape[0])
             return cpu_kernels.decode_attention(q, self.k_cache, self.v_cache, tables, lens,
                                                 self.scale, self.sliding_window)

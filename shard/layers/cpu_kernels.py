@@ -3,7 +3,8 @@ decode_layer.cpp): built once per machine, then loaded.
 
 Upstream: `linear.py` packs every linear weight with `pack_linear_weight` when
 `available(dtype)` and runs the layer through `packed_linear` at every batch size (else
-oneDNN); `attention.py` runs decode steps and short prefills through `decode_attention`;
+oneDNN); `attention.py` runs decode steps through `decode_attention` and fresh prompts
+through `prefill_attention`;
 `norm.py`, `activation.py` and `rotary.py` run their elementwise work through `fused_ops.cpp`
 when `fused(x)`; `models/llama.py` runs a decode step's layers through `decode_layer`, which
 calls those same ops from C++. The first shard on a machine compiles them with
@@ -164,6 +165,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     cache [num_blocks, block_size, kv_heads, D] -> [batch, heads, D]."""
     return torch.ops.tgi_cpu.decode_attention(q, k_cache, v_cache, block_tables, context_lens,
                                               scale, sliding_window or 0)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      context_lens: torch.Tensor, scale: float,
+                      sliding_window: int | None) -> torch.Tensor:
+    """q [tokens, heads, D], the new tokens of each sequence (cu_seqlens_q), the last ones of
+    its context, each attending causally over the paged cache -> [tokens, heads, D]."""
+    return torch.ops.tgi_cpu.prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
+                                               context_lens, scale, sliding_window or 0)
 
 
 def decode_layer(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,

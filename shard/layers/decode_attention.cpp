@@ -1,8 +1,10 @@
-// Decode attention straight from the paged KV cache: one new token per sequence.
+// Attention straight from the paged KV cache: decode_attention for one new token per
+// sequence, prefill_attention (at the end of the file) for a fresh prompt's rows.
 //
 // Built with packed_linear.cpp into one extension (cpu_kernels.py); called by attention.py
-// as torch.ops.tgi_cpu.decode_attention, for decode steps and for the rows of a short
-// prefill, each then a one-token query over its own context. The torch path gathers every
+// as torch.ops.tgi_cpu.decode_attention, for decode steps and for rows continuing cached
+// sequences (a speculative step's), each then a one-token query over its own context. The
+// torch path gathers every
 // sequence's blocks into a padded copy per layer, then runs SDPA; here each task reads a
 // stretch of one sequence's blocks in place, once, for all the query heads.
 // A context is cut into partitions of kPartition tokens, one task each, whose softmaxes are
@@ -366,15 +368,194 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, double scale, int64_t window) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [batch, heads, D], cache [blocks, bs, kv, D]");
+// ---- Prefill: many query rows of one sequence ---------------------------------------------
+//
+// A prefill's rows through the decode path each re-read their whole context and reduce every
+// dot product across lanes; here one task takes a sequence and a KV head, widens and transposes
+// its keys once ([head_dim, tokens]), and then each block of query rows gets 16 scores per
+// multiply-add, a key column against a query element broadcast, with no reduction (NOTES 54).
+
+// Query vectors (rows x the KV head's query heads) a block takes: 8 rows of a group of 4.
+constexpr int64_t kPrefillVectors = 32;
+
+template <typename T, int CH>
+void prefill_sequence(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                      const Geometry& geo, int64_t heads, int64_t rows, int64_t first_pos,
+                      int64_t window, float scale, int64_t g, T* out) {
+  const int64_t D = geo.head_dim, group = geo.group, bs = geo.block_size, row = geo.row();
+  const int64_t chunks = CH > 0 ? CH : D / 16;
+  const int64_t last_pos = first_pos + rows - 1;
+  const auto row_lo = [&](int64_t pos) {
+    return window > 0 ? std::max<int64_t>(0, pos + 1 - window) : 0;
+  };
+  const int64_t lo = row_lo(first_pos), len = last_pos + 1 - lo;
+  const int64_t stride = (len + 15) / 16 * 16 + 16;
+  thread_local std::vector<float> keys_t, scores, qv, inv;
+  thread_local std::vector<const T*> values;
+  keys_t.resize(D * stride);
+  scores.resize(kPrefillVectors * stride);
+  qv.resize(kPrefillVectors * D);
+  inv.resize(kPrefillVectors);
+  values.resize(len);
+  // Keys transposed and widened: keys_t[d * stride + i] = k(lo + i)[d]; zero past len.
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t t = lo + i, at = (table[t / bs] * bs + t % bs) * row + g * D;
+    values[i] = v_cache + at;
+    const T* key = k_cache + at;
+    for (int64_t d = 0; d < D; ++d) keys_t[d * stride + i] = float(key[d]);
+  }
+  for (int64_t d = 0; d < D; ++d)
+    std::fill(&keys_t[d * stride + len], &keys_t[d * stride] + stride, 0.f);
+
+  const int64_t rows_per_block = std::max<int64_t>(1, kPrefillVectors / group);
+  for (int64_t r0 = 0; r0 < rows; r0 += rows_per_block) {
+    const int64_t r1 = std::min(rows, r0 + rows_per_block), nv = (r1 - r0) * group;
+    // Vector v: row r0 + v / group, query head g * group + v % group; padded with zeros.
+    std::fill(qv.begin(), qv.end(), 0.f);
+    for (int64_t v = 0; v < nv; ++v) {
+      const T* src = q + ((r0 + v / group) * heads + g * group + v % group) * D;
+      for (int64_t d = 0; d < D; ++d) qv[v * D + d] = float(src[d]) * scale;
+    }
+    // The block's tokens, relative to lo: [begin, end), begin a multiple of 16.
+    const int64_t begin = (row_lo(first_pos + r0) - lo) / 16 * 16;
+    const int64_t end = first_pos + r1 - lo;
+    const int64_t groups = (nv + 7) / 8;
+    for (int64_t i = begin; i < end; i += 16) {
+      for (int64_t v8 = 0; v8 < groups; ++v8) {
+        const float* qg = &qv[v8 * 8 * D];
+        __m512 acc[8];
+        for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; ++d) {
+          const __m512 column = _mm512_loadu_ps(&keys_t[d * stride + i]);
+          for (int k = 0; k < 8; ++k)
+            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(qg[k * D + d]), column, acc[k]);
+        }
+        for (int k = 0; k < 8; ++k) _mm512_storeu_ps(&scores[(v8 * 8 + k) * stride + i], acc[k]);
+      }
+    }
+    // Softmax of each vector over its row's tokens [row_lo(pos), pos] (the rest weigh 0).
+    const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t pos = first_pos + r0 + v / group;
+      const int64_t a = row_lo(pos) - lo, b = pos + 1 - lo;  // valid [a, b)
+      float* sv = &scores[v * stride];
+      auto valid = [&](int64_t i) {  // the lanes of tokens [i, i + 16) in [a, b)
+        if (i + 16 <= a || i >= b) return __mmask16(0);
+        const __mmask16 from_a = i >= a ? __mmask16(0xFFFF) : __mmask16(0xFFFFu << (a - i));
+        return __mmask16(from_a & tail_mask(b - i));
+      };
+      __m512 top = minus_inf;
+      for (int64_t i = begin; i < end; i += 16)
+        top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, valid(i), sv + i));
+      const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t i = begin; i < end; i += 16) {
+        const __m512 e = _mm512_maskz_mov_ps(valid(i), exp16(_mm512_sub_ps(_mm512_loadu_ps(sv + i), max)));
+        _mm512_storeu_ps(sv + i, e);
+        total = _mm512_add_ps(total, e);
+      }
+      inv[v] = 1.f / _mm512_reduce_add_ps(total);
+    }
+    // Values: HN vectors at a time, their accumulators in registers.
+    auto values_pass = [&](auto hn, int64_t v0) {
+      constexpr int HN = decltype(hn)::value;
+      __m512 acc[HN][kMaxChunks<CH>];
+      for (int j = 0; j < HN; ++j)
+        for (int64_t c = 0; c < chunks; ++c) acc[j][c] = _mm512_setzero_ps();
+      const int64_t stop = first_pos + r0 + (v0 + HN - 1) / group + 1 - lo;
+      for (int64_t i = begin; i < stop; ++i) {
+        __m512 vrow[kMaxChunks<CH>];
+        for (int64_t c = 0; c < chunks; ++c) vrow[c] = load16(values[i] + c * 16);
+        for (int j = 0; j < HN; ++j) {
+          const __m512 w = _mm512_set1_ps(scores[(v0 + j) * stride + i]);
+          for (int64_t c = 0; c < chunks; ++c) acc[j][c] = _mm512_fmadd_ps(w, vrow[c], acc[j][c]);
+        }
+      }
+      for (int j = 0; j < HN; ++j) {
+        const int64_t v = v0 + j;
+        T* dst = out + ((r0 + v / group) * heads + g * group + v % group) * D;
+        const __m512 scale_v = _mm512_set1_ps(inv[v]);
+        for (int64_t c = 0; c < chunks; ++c)
+          tgi_simd::store16(dst + c * 16, _mm512_mul_ps(acc[j][c], scale_v));
+      }
+    };
+    constexpr int HG = CH > 0 && CH <= 16 ? 16 / CH : 1;
+    int64_t v0 = 0;
+    for (; v0 + HG <= nv; v0 += HG) values_pass(std::integral_constant<int, HG>{}, v0);
+    for (; v0 < nv; ++v0) values_pass(std::integral_constant<int, 1>{}, v0);
+  }
+}
+
+template <typename T>
+void prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+             const at::Tensor& tables, const at::Tensor& cu_seqlens, const at::Tensor& lens,
+             double scale, int64_t window, at::Tensor& out) {
+  const int64_t seqs = lens.size(0), heads = q.size(1), head_dim = q.size(2);
+  const Geometry geo{k_cache.size(1), k_cache.size(2), heads / k_cache.size(2), head_dim};
+  const int64_t width = tables.size(1), kv_heads = geo.kv_heads;
+  const T *qp = q.data_ptr<T>(), *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
+  const int64_t *tp = tables.data_ptr<int64_t>(), *cp = cu_seqlens.data_ptr<int64_t>(),
+                *lp = lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  auto* one = &prefill_sequence<T, 0>;
+  switch (head_dim / 16) {
+    case 2: one = &prefill_sequence<T, 2>; break;
+    case 4: one = &prefill_sequence<T, 4>; break;
+    case 8: one = &prefill_sequence<T, 8>; break;
+  }
+  // Longest sequences first, so the last tasks to start are short.
+  std::vector<int64_t> order(seqs * kv_heads);
+  for (int64_t i = 0; i < seqs * kv_heads; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return lp[a / kv_heads] > lp[b / kv_heads];
+  });
+  tgi_parallel::guided_for(seqs * kv_heads, 1, [&](int64_t begin, int64_t finish) {
+    for (int64_t i = begin; i < finish; ++i) {
+      const int64_t s = order[i] / kv_heads, g = order[i] % kv_heads;
+      const int64_t rows = cp[s + 1] - cp[s];
+      if (rows <= 0) continue;
+      one(qp + cp[s] * heads * head_dim, kp, vp, tp + s * width, geo, heads, rows, lp[s] - rows,
+          window, float(scale), g, op + cp[s] * heads * head_dim);
+    }
+  });
+}
+
+// What both attention ops ask of q [rows, heads, D] and the caches [blocks, bs, kv heads, D].
+void check_heads_and_caches(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache) {
   TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 256 && q.size(2) == k_cache.size(3),
               "head_dim: a multiple of 16, at most 256");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
               v_cache.is_contiguous(), "q and the contiguous caches share one dtype");
+}
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& block_tables,
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens,
+                             double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [tokens, heads, D], cache [blocks, bs, kv, D]");
+  check_heads_and_caches(q, k_cache, v_cache);
+  const auto qc = q.contiguous(), tables = block_tables.contiguous();
+  const auto cu = cu_seqlens_q.to(at::kLong).contiguous(), lens = context_lens.contiguous();
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 tables");
+  TORCH_CHECK(tables.size(0) == lens.size(0) && cu.numel() == lens.numel() + 1,
+              "one block table row, one context length and one query span per sequence");
+  auto out = at::empty_like(qc);
+  if (q.scalar_type() == at::kFloat) {
+    prefill<float>(qc, k_cache, v_cache, tables, cu, lens, scale, window, out);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
+    prefill<c10::BFloat16>(qc, k_cache, v_cache, tables, cu, lens, scale, window, out);
+  }
+  return out;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [batch, heads, D], cache [blocks, bs, kv, D]");
+  check_heads_and_caches(q, k_cache, v_cache);
   const auto qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 tables");
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && lens.numel() == q.size(0),
@@ -395,4 +576,7 @@ TORCH_LIBRARY_FRAGMENT(tgi_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int window) -> Tensor");
   m.impl("decode_attention", c10::DispatchKey::CPU, &decode_attention);
+  m.def("prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor cu_seqlens_q, Tensor context_lens, float scale, int window) -> Tensor");
+  m.impl("prefill_attention", c10::DispatchKey::CPU, &prefill_attention);
 }

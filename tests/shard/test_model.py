@@ -435,10 +435,11 @@ def test_decode_kernel_gives_a_row_the_same_bits_alone_in_any_batch_on_any_threa
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 5])
-def test_short_prefills_attend_through_the_decode_kernel(dtype, window, monkeypatch):
-    """Each prefill row as a one-token query over its own context: a fresh prompt, one with
-    a cached prefix, and a decode row in one batch, as the torch path computes them."""
-    from tgi_server.shard import attention
+def test_prefill_rows_attend_through_the_cpu_kernels(dtype, window, monkeypatch):
+    """A fresh prompt, one with a cached prefix, and a decode row in one batch, as the torch
+    path computes them, through the decode kernel, each row a one-token query
+    (`rows_as_decode`, as the fused decode layers take a speculative step's rows); fresh
+    prompts alone through the prefill kernel."""
     from tgi_server.shard.attention import Attention, _torch_paged_attention
 
     if not cpu_kernels.available(dtype):
@@ -450,17 +451,49 @@ def test_short_prefills_attend_through_the_decode_kernel(dtype, window, monkeypa
     tables = torch.randperm(40, generator=generator)[:24].view(3, 8).tolist()
     meta = AttentionMetadata.from_lists([5, 7, 1], [5, 30, 13], tables, BLOCK_SIZE)
     q = torch.randn(13, 8, 32, generator=generator).to(dtype)
-    calls, kernel = [], cpu_kernels.decode_attention
-    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
-    got = layer._attend_paged(q, meta)
+    calls = []
+    for name in ("decode_attention", "prefill_attention"):
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name,
+                            lambda *a, name=name, kernel=kernel: calls.append(name) or kernel(*a))
     want = _torch_paged_attention(q, layer.k_cache, layer.v_cache, meta, layer.scale, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(layer._attend_paged(q, meta).float(), want.float(), atol=tol, rtol=tol)
+    assert calls == ["decode_attention"]
+    fresh = AttentionMetadata.from_lists([5, 7], [5, 7], tables[:2], BLOCK_SIZE)
+    want = _torch_paged_attention(q[:12], layer.k_cache, layer.v_cache, fresh, layer.scale, window)
+    torch.testing.assert_close(layer._attend_paged(q[:12], fresh).float(), want.float(),
+                               atol=tol, rtol=tol)
+    assert calls == ["decode_attention", "prefill_attention"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5, 300])
+@pytest.mark.parametrize("head_dim", [32, 48, 64, 128])
+@pytest.mark.parametrize("group", [3, 4])
+def test_prefill_kernel_matches_the_torch_path(dtype, window, head_dim, group):
+    """Prefills as the torch path computes them: fresh prompts (short, past 16 tokens, past a
+    block of vectors, long), one with a cached prefix, a decode row, in one batch."""
+    from tgi_server.shard.attention import _torch_paged_attention
+
+    if not cpu_kernels.available(dtype):
+        pytest.skip(f"the CPU kernels do not run {dtype} here")
+    generator = torch.Generator().manual_seed(2)
+    query_lens, context_lens = [5, 17, 1, 40, 600], [5, 30, 13, 40, 600]
+    per_seq = -(-max(context_lens) // BLOCK_SIZE)
+    num_blocks = per_seq * len(query_lens) + 2
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, 2, head_dim, generator=generator).to(dtype)
+    v_cache = torch.randn(num_blocks, BLOCK_SIZE, 2, head_dim, generator=generator).to(dtype)
+    tables = torch.randperm(num_blocks, generator=generator)[:per_seq * len(query_lens)]
+    meta = AttentionMetadata.from_lists(query_lens, context_lens,
+                                        tables.view(len(query_lens), per_seq).tolist(), BLOCK_SIZE)
+    q = torch.randn(sum(query_lens), 2 * group, head_dim, generator=generator).to(dtype)
+    scale = head_dim ** -0.5
+    want = _torch_paged_attention(q, k_cache, v_cache, meta, scale, window)
+    got = cpu_kernels.prefill_attention(q, k_cache, v_cache, meta.block_tables,
+                                        meta.cu_seqlens_q, meta.context_lens, scale, window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    assert calls == [1]
-    # Past the longest context it takes, the prefill goes the torch way.
-    monkeypatch.setattr(attention, "CPU_KERNEL_PREFILL_MAX_CONTEXT", 29)
-    torch.testing.assert_close(layer._attend_paged(q, meta), want)
-    assert calls == [1]
 
 
 def test_a_large_cpu_cache_is_zero_and_not_resident_until_written(model_dir):
