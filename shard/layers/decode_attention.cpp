@@ -389,7 +389,7 @@ void prefill_sequence(const T* q, const T* k_cache, const T* v_cache, const int6
     return window > 0 ? std::max<int64_t>(0, pos + 1 - window) : 0;
   };
   const int64_t lo = row_lo(first_pos), len = last_pos + 1 - lo;
-  const int64_t stride = (len + 15) / 16 * 16 + 16;
+  const int64_t stride = (len + 31) / 32 * 32 + 32;  // the last 32-token tile's zeros fit
   thread_local std::vector<float> keys_t, scores, qv, inv;
   thread_local std::vector<const T*> values;
   keys_t.resize(D * stride);
@@ -420,17 +420,24 @@ void prefill_sequence(const T* q, const T* k_cache, const T* v_cache, const int6
     const int64_t begin = (row_lo(first_pos + r0) - lo) / 16 * 16;
     const int64_t end = first_pos + r1 - lo;
     const int64_t groups = (nv + 7) / 8;
-    for (int64_t i = begin; i < end; i += 16) {
+    for (int64_t i = begin; i < end; i += 32) {  // 32 tokens: each broadcast feeds 2 FMAs
       for (int64_t v8 = 0; v8 < groups; ++v8) {
         const float* qg = &qv[v8 * 8 * D];
-        __m512 acc[8];
-        for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
+        __m512 acc[8][2];
+        for (int k = 0; k < 8; ++k) acc[k][0] = acc[k][1] = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; ++d) {
-          const __m512 column = _mm512_loadu_ps(&keys_t[d * stride + i]);
-          for (int k = 0; k < 8; ++k)
-            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(qg[k * D + d]), column, acc[k]);
+          const __m512 lo16 = _mm512_loadu_ps(&keys_t[d * stride + i]);
+          const __m512 hi16 = _mm512_loadu_ps(&keys_t[d * stride + i + 16]);
+          for (int k = 0; k < 8; ++k) {
+            const __m512 qk = _mm512_set1_ps(qg[k * D + d]);
+            acc[k][0] = _mm512_fmadd_ps(qk, lo16, acc[k][0]);
+            acc[k][1] = _mm512_fmadd_ps(qk, hi16, acc[k][1]);
+          }
         }
-        for (int k = 0; k < 8; ++k) _mm512_storeu_ps(&scores[(v8 * 8 + k) * stride + i], acc[k]);
+        for (int k = 0; k < 8; ++k) {
+          _mm512_storeu_ps(&scores[(v8 * 8 + k) * stride + i], acc[k][0]);
+          _mm512_storeu_ps(&scores[(v8 * 8 + k) * stride + i + 16], acc[k][1]);
+        }
       }
     }
     // Softmax of each vector over its row's tokens [row_lo(pos), pos] (the rest weigh 0).
