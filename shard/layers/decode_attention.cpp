@@ -390,12 +390,15 @@ void prefill_sequence(const T* q, const T* k_cache, const T* v_cache, const int6
   };
   const int64_t lo = row_lo(first_pos), len = last_pos + 1 - lo;
   const int64_t stride = (len + 31) / 32 * 32 + 32;  // the last 32-token tile's zeros fit
+  // A block's vectors: kPrefillVectors, or one row's when a KV head has more query heads;
+  // padded to the scores pass's 8.
+  const int64_t most = (std::max(kPrefillVectors, group) + 7) / 8 * 8;
   thread_local std::vector<float> keys_t, scores, qv, inv;
   thread_local std::vector<const T*> values;
   keys_t.resize(D * stride);
-  scores.resize(kPrefillVectors * stride);
-  qv.resize(kPrefillVectors * D);
-  inv.resize(kPrefillVectors);
+  scores.resize(most * stride);
+  qv.resize(most * D);
+  inv.resize(most);
   values.resize(len);
   // Keys transposed and widened: keys_t[d * stride + i] = k(lo + i)[d]; zero past len.
   for (int64_t i = 0; i < len; ++i) {

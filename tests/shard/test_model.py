@@ -470,7 +470,9 @@ def test_prefill_rows_attend_through_the_cpu_kernels(dtype, window, monkeypatch)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 5, 300])
 @pytest.mark.parametrize("head_dim", [32, 48, 64, 128])
-@pytest.mark.parametrize("group", [3, 4])
+# Query heads per KV head: 3 leaves a block of rows short of the kernel's 32 vectors, 40 is
+# more than a block holds (one row at a time).
+@pytest.mark.parametrize("group", [3, 4, 40])
 def test_prefill_kernel_matches_the_torch_path(dtype, window, head_dim, group):
     """Prefills as the torch path computes them: fresh prompts (short, past 16 tokens, past a
     block of vectors, long), one with a cached prefix, a decode row, in one batch."""
