@@ -225,10 +225,9 @@ def _use_flash(k_cache: Tensor) -> bool:
 def _use_cpu_kernels(q: Tensor, head_dim: int) -> bool:
     # NOTE: they read each sequence's blocks in place instead of gathering them per layer:
     # decode_attention for steps that continue cached sequences, prefill_attention for fresh
-    # prompts
-    # (it transposes a sequence's keys once for all its rows: 0.42-0.88x the time of those rows
-    # through the decode kernel, which was itself 0.65-0.75x SDPA's flash kernel over gathered
-    # blocks at 128-512 tokens; benchmarks/NOTES.md 41, 54).
+    # prompts (it transposes a sequence's keys once for all its rows: 0.42-0.88x the time of
+    # those rows through the decode kernel, which was itself 0.65-0.75x SDPA's flash kernel
+    # over gathered blocks at 128-512 tokens; benchmarks/NOTES.md 41, 54).
     return (q.device.type == "cpu" and head_dim % 16 == 0 and head_dim <= 256
             and cpu_kernels.available(q.dtype))
 

@@ -31,6 +31,8 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -60,6 +62,10 @@ inline __m512 transpose_sum16(const __m512* v) {
 // Accumulator vectors per row: CH = head_dim / 16 when known at compile time, else up to 16.
 template <int CH>
 constexpr int kMaxChunks = CH > 0 ? CH : 16;
+// Query heads (or vectors) a pass takes at once: their CH accumulators each fill half the
+// registers.
+template <int CH>
+constexpr int kHeadsPerPass = CH > 0 && CH <= 16 ? 16 / CH : 1;
 
 // A task's share of the softmax over its tokens for each of its query heads: the running
 // maximum `m`, the sum `l` of exp(score - m), and `acc`, the values weighted by those
@@ -83,6 +89,27 @@ inline void by_heads(int64_t group, const Pass& pass) {
   if constexpr (HG > 2)
     for (; h0 + 2 <= group; h0 += 2) pass(std::integral_constant<int, 2>{}, h0);
   for (; h0 < group; ++h0) pass(std::integral_constant<int, 1>{}, h0);
+}
+
+// Softmax numerators in place over a score row's 16-lane steps [from, to): the lanes
+// valid(i) picks take part, the rest become 0. Returns {their maximum, the exponentials' sum}.
+template <typename Valid>
+inline std::pair<float, float> exponentiate(float* s, int64_t from, int64_t to,
+                                            const Valid& valid) {
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 top = minus_inf;
+  for (int64_t i = from; i < to; i += 16)
+    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, valid(i), s + i));
+  const float m = _mm512_reduce_max_ps(top);
+  const __m512 max = _mm512_set1_ps(m);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t i = from; i < to; i += 16) {
+    const __m512 e =
+        _mm512_maskz_mov_ps(valid(i), exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), max)));
+    _mm512_storeu_ps(s + i, e);
+    total = _mm512_add_ps(total, e);
+  }
+  return {m, _mm512_reduce_add_ps(total)};
 }
 
 // Fetches the 64-byte lines of one KV head's slice of a cache row (to L1 with T0, L2 with T1).
@@ -142,7 +169,7 @@ template <typename T, int CH>
 void attend_span(const float* qf, const T* k_cache, const T* v_cache, const int64_t* table,
                  const Geometry& geo, int64_t lo, int64_t hi, int64_t g0, int64_t g1,
                  float* scores, int64_t stride, Partial part) {
-  constexpr int HG = CH > 0 && CH <= 16 ? 16 / CH : 1;
+  constexpr int HG = kHeadsPerPass<CH>;
   const int64_t group = geo.group, head_dim = geo.head_dim, row = geo.row();
   const int64_t chunks = CH > 0 ? CH : head_dim / 16;
   const int64_t len = hi - lo;
@@ -185,22 +212,9 @@ void attend_span(const float* qf, const T* k_cache, const T* v_cache, const int6
       _mm512_storeu_ps(scores + (first + j) * stride + (t - lo), transpose_sum16(partial[j]));
   });
 
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t h = g0 * group; h < g1 * group; ++h) {
-    float* s = scores + h * stride;
-    __m512 top = minus_inf;
-    for (int64_t i = 0; i < len; i += 16)
-      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, tail_mask(len - i), s + i));
-    part.m[h] = _mm512_reduce_max_ps(top);
-    const __m512 max = _mm512_set1_ps(part.m[h]);
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t i = 0; i < len; i += 16) {
-      const __m512 e = _mm512_maskz_mov_ps(tail_mask(len - i),
-                                           exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), max)));
-      _mm512_storeu_ps(s + i, e);
-      total = _mm512_add_ps(total, e);
-    }
-    part.l[h] = _mm512_reduce_add_ps(total);
+    std::tie(part.m[h], part.l[h]) = exponentiate(scores + h * stride, 0, len,
+                                                  [&](int64_t i) { return tail_mask(len - i); });
     for (int64_t c = 0; c < head_dim; c += 16)
       _mm512_storeu_ps(part.acc + h * head_dim + c, _mm512_setzero_ps());
   }
@@ -444,27 +458,15 @@ void prefill_sequence(const T* q, const T* k_cache, const T* v_cache, const int6
       }
     }
     // Softmax of each vector over its row's tokens [row_lo(pos), pos] (the rest weigh 0).
-    const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t v = 0; v < nv; ++v) {
       const int64_t pos = first_pos + r0 + v / group;
       const int64_t a = row_lo(pos) - lo, b = pos + 1 - lo;  // valid [a, b)
-      float* sv = &scores[v * stride];
       auto valid = [&](int64_t i) {  // the lanes of tokens [i, i + 16) in [a, b)
         if (i + 16 <= a || i >= b) return __mmask16(0);
         const __mmask16 from_a = i >= a ? __mmask16(0xFFFF) : __mmask16(0xFFFFu << (a - i));
         return __mmask16(from_a & tail_mask(b - i));
       };
-      __m512 top = minus_inf;
-      for (int64_t i = begin; i < end; i += 16)
-        top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, valid(i), sv + i));
-      const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-      __m512 total = _mm512_setzero_ps();
-      for (int64_t i = begin; i < end; i += 16) {
-        const __m512 e = _mm512_maskz_mov_ps(valid(i), exp16(_mm512_sub_ps(_mm512_loadu_ps(sv + i), max)));
-        _mm512_storeu_ps(sv + i, e);
-        total = _mm512_add_ps(total, e);
-      }
-      inv[v] = 1.f / _mm512_reduce_add_ps(total);
+      inv[v] = 1.f / exponentiate(&scores[v * stride], begin, end, valid).second;
     }
     // Values: HN vectors at a time, their accumulators in registers.
     auto values_pass = [&](auto hn, int64_t v0) {
@@ -489,10 +491,7 @@ void prefill_sequence(const T* q, const T* k_cache, const T* v_cache, const int6
           tgi_simd::store16(dst + c * 16, _mm512_mul_ps(acc[j][c], scale_v));
       }
     };
-    constexpr int HG = CH > 0 && CH <= 16 ? 16 / CH : 1;
-    int64_t v0 = 0;
-    for (; v0 + HG <= nv; v0 += HG) values_pass(std::integral_constant<int, HG>{}, v0);
-    for (; v0 < nv; ++v0) values_pass(std::integral_constant<int, 1>{}, v0);
+    by_heads<kHeadsPerPass<CH>>(nv, values_pass);
   }
 }
 

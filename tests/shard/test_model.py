@@ -377,16 +377,19 @@ def test_decode_kernel_matches_the_torch_path(dtype, window, head_dim, group):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
-def _long_contexts(dtype, lens, block_size, kv_heads=4, group=4, head_dim=64, seed=0):
-    """q and caches for contexts of `lens` tokens in scattered blocks, and their metadata."""
+def _long_contexts(dtype, lens, block_size, kv_heads=4, group=4, head_dim=64, seed=0,
+                   query_lens=None):
+    """q and caches for contexts of `lens` tokens in scattered blocks, and their metadata: the
+    last `query_lens` tokens of each are queries (default one)."""
+    query_lens = query_lens or [1] * len(lens)
     generator = torch.Generator().manual_seed(seed)
     per_seq = -(-max(lens) // block_size)
     num_blocks = per_seq * len(lens) + 3
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
-    q = torch.randn(len(lens), kv_heads * group, head_dim, generator=generator).to(dtype)
+    q = torch.randn(sum(query_lens), kv_heads * group, head_dim, generator=generator).to(dtype)
     tables = torch.randperm(num_blocks, generator=generator)[:per_seq * len(lens)]
-    meta = AttentionMetadata.from_lists([1] * len(lens), lens, tables.view(len(lens), per_seq).tolist(),
+    meta = AttentionMetadata.from_lists(query_lens, lens, tables.view(len(lens), per_seq).tolist(),
                                         block_size)
     return q, k_cache, v_cache, meta
 
@@ -480,16 +483,9 @@ def test_prefill_kernel_matches_the_torch_path(dtype, window, head_dim, group):
 
     if not cpu_kernels.available(dtype):
         pytest.skip(f"the CPU kernels do not run {dtype} here")
-    generator = torch.Generator().manual_seed(2)
-    query_lens, context_lens = [5, 17, 1, 40, 600], [5, 30, 13, 40, 600]
-    per_seq = -(-max(context_lens) // BLOCK_SIZE)
-    num_blocks = per_seq * len(query_lens) + 2
-    k_cache = torch.randn(num_blocks, BLOCK_SIZE, 2, head_dim, generator=generator).to(dtype)
-    v_cache = torch.randn(num_blocks, BLOCK_SIZE, 2, head_dim, generator=generator).to(dtype)
-    tables = torch.randperm(num_blocks, generator=generator)[:per_seq * len(query_lens)]
-    meta = AttentionMetadata.from_lists(query_lens, context_lens,
-                                        tables.view(len(query_lens), per_seq).tolist(), BLOCK_SIZE)
-    q = torch.randn(sum(query_lens), 2 * group, head_dim, generator=generator).to(dtype)
+    q, k_cache, v_cache, meta = _long_contexts(dtype, [5, 30, 13, 40, 600], BLOCK_SIZE,
+                                               kv_heads=2, group=group, head_dim=head_dim, seed=2,
+                                               query_lens=[5, 17, 1, 40, 600])
     scale = head_dim ** -0.5
     want = _torch_paged_attention(q, k_cache, v_cache, meta, scale, window)
     got = cpu_kernels.prefill_attention(q, k_cache, v_cache, meta.block_tables,
