@@ -140,6 +140,12 @@ def tgi_launch(
              "before the router has handled the last one (that overlap hides the round trip "
              "between steps; a request arriving meanwhile waits one more step to start).",
     )] = False,
+    prefix_caching: Annotated[bool, _opt(
+        "--prefix-caching/--no-prefix-caching", env="PREFIX_CACHING",
+        help="Reuse the KV cache of earlier prompts' and answers' common prefixes, in blocks: a "
+             "request whose prompt starts the same way (a system prompt, a chat's earlier "
+             "turns) prefills only the rest. Off: `--no-prefix-caching`, or TGI's `PREFIX_CACHING=0`.",
+    )] = True,
     speculate: Annotated[int | None, _opt(
         "--speculate", env="SPECULATE",
         help="Draft tokens to verify per request and decode step, copied from what followed "

@@ -63,6 +63,7 @@ class LaunchConfig:
     waiting_served_ratio: float = 0.3
     enable_prefill_logprobs: bool = False
     disable_lookahead: bool = False
+    prefix_caching: bool = True
     # N-gram speculation: draft tokens per request and step (TGI's `--speculate`); None: none.
     speculate: int | None = None
     # TGI's rope override (replaces the config's rope scaling): linear or dynamic, and a factor.
@@ -188,6 +189,7 @@ _SHARED_ROUTER_FIELDS = (
     "max_input_tokens", "max_total_tokens", "max_client_batch_size", "payload_limit",
     "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
     "max_waiting_tokens", "waiting_served_ratio", "enable_prefill_logprobs", "disable_lookahead",
+    "prefix_caching",
     "api_key", "served_model_name", "validation_workers", "prometheus_port", "cors_allow_origin",
     "otlp_endpoint", "otlp_service_name",
 )

@@ -112,7 +112,8 @@ async def build_state(config: RouterConfig, client: ShardedClient, tokenizer=Non
     limits, num_blocks = await warm_up(config, client, info, resolve_limits(config, info))
     metrics = Metrics()
     allocator = BlockAllocator(num_blocks, info.block_size)
-    queue = Queue(allocator)
+    queue = Queue(allocator, prefix_caching=config.prefix_caching and info.use_prefix_caching,
+                  prefill_logprobs=config.enable_prefill_logprobs)
     max_batch_total_tokens = num_blocks * info.block_size
     metrics.batch_max_total_tokens.set(max_batch_total_tokens)
     batching = BatchingConfig(

@@ -7,6 +7,11 @@ and joined when they fit the budgets and enough are waiting (`waiting_served_rat
 running batch has waited `max_waiting_tokens` steps. After every call, finished and cancelled
 requests leave through FilterBatch and their KV blocks return to the allocator at once.
 
+Prefix caching: once a prefill has run, its prompts' full blocks are registered with the
+allocator, so requests queued later with the same prefix start from them; when a request
+leaves, the full blocks of its prompt and generated tokens are registered too (a chat's next
+turn starts with both).
+
 Decodes look ahead (`BatchingConfig.lookahead`): the shards start the next step before they
 answer, so the round trip to the router and its dispatch of the tokens overlap that step. A
 batch whose step already ran is collected alone (a Decode without compute) before new
@@ -141,8 +146,11 @@ class Batcher:
             self.metrics.request_queue_duration.observe(now - entry.queued_at)
             entry.sink.text = self._text_state(entry)
         self.metrics.batch_next_size.observe(len(entries))
+        cached_tokens = sum(e.cache_len for e in entries)
+        if cached_tokens:
+            self.metrics.prefix_cache_hit_tokens.inc(cached_tokens)
         requests = [
-            BatchRequest(e.id, e.request, e.block_ids,
+            BatchRequest(e.id, e.request, e.block_ids, cache_len=e.cache_len,
                          # NOTE: as in TGI, prompt logprobs cost a full-vocab projection per
                          # prompt token, so they are computed only with --enable-prefill-logprobs.
                          prefill_logprobs=(e.request.decoder_input_details
@@ -150,8 +158,13 @@ class Batcher:
             for e in entries
         ]
         batch_id = next(self._batch_ids)
-        return await self._call("prefill", self.client.prefill(batch_id, requests),
-                                [e.id for e in entries], [batch_id])
+        cached = await self._call("prefill", self.client.prefill(batch_id, requests),
+                                  [e.id for e in entries], [batch_id])
+        for entry in entries:
+            # NOTE: requests that finished or failed meanwhile have left (their blocks too).
+            if entry.prompt_keys and entry.id in self.running:
+                self.allocator.cache(entry.block_ids, entry.prompt_keys)
+        return cached
 
     async def _decode(self, batches: list[CachedBatch], lookahead: bool) -> CachedBatch | None:
         ids = [rid for b in batches for rid in b.request_ids]
@@ -272,12 +285,19 @@ class Batcher:
             self.metrics.request_failure.inc(new, err="dropped")
             self._queue_drops_counted = self.queue.num_dropped
 
-    def _release(self, entry: Entry) -> None:
-        """The request left the batch: its blocks go back to the allocator now."""
+    def _release(self, entry: Entry, computed: bool = True) -> None:
+        """The request left the batch: its blocks go back to the allocator now, the full ones
+        of its tokens' k/v cached (`computed`: the steps that made them succeeded)."""
         self.running.pop(entry.id, None)
-        if entry.block_ids is not None:
-            self.allocator.free(entry.block_ids)
-            entry.block_ids = None
+        if entry.block_ids is None:
+            return
+        if computed and entry.prompt_keys is not None:
+            # k/v is in the cache for every token but the newest
+            tokens = entry.request.input_ids + tuple(entry.sink.generated_ids)
+            keys = self.allocator.block_keys(tokens, len(tokens) - 1, known=entry.prompt_keys)
+            self.allocator.cache(entry.block_ids, keys)
+        self.allocator.free(entry.block_ids)
+        entry.block_ids = None
 
     async def _fail(self, request_ids: list[int], error: Exception,
                     batch_ids: list[int | None]) -> None:
@@ -287,7 +307,7 @@ class Batcher:
         for rid in request_ids:
             entry = self.running.get(rid)
             if entry is not None:
-                self._release(entry)
+                self._release(entry, computed=False)
                 entry.sink.events.put_nowait(generation_error(str(error)))
         for batch_id in batch_ids:
             try:
@@ -302,6 +322,7 @@ class Batcher:
         self.metrics.batch_current_size.set(cached.size if cached else 0)
         self.metrics.batch_current_max_tokens.set(cached.max_tokens if cached else 0)
         self.metrics.kv_blocks_free.set(self.allocator.num_free_blocks)
+        self.metrics.kv_blocks_cached.set(self.allocator.num_cached_blocks)
 
     def _check_idle(self) -> None:
         """With nothing running, every block must be free again."""

@@ -77,6 +77,8 @@ class ShardInfo:
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...]
     world_size: int
+    # The shards start a prefill at `Request.cache_len` (prefix caching).
+    use_prefix_caching: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,8 @@ class BatchRequest:
     id: int
     request: ValidRequest
     block_ids: list[int]
+    # Prompt tokens whose k/v are already in the first blocks (prefix caching).
+    cache_len: int = 0
     prefill_logprobs: bool = False
 
 
@@ -106,6 +110,7 @@ def request_to_pb(r: BatchRequest) -> pb.Request:
         prefill_logprobs=r.prefill_logprobs,
         top_n_tokens=r.request.top_n_tokens,
         block_ids=r.block_ids,
+        cache_len=r.cache_len,
     )
 
 
@@ -219,10 +224,11 @@ class ShardedClient:
         return await asyncio.gather(*(s.call(method, request, timeout) for s in self.shards))
 
     async def info(self) -> ShardInfo:
-        r = (await self._all("Info", pb.InfoRequest()))[0]
+        responses = await self._all("Info", pb.InfoRequest())
+        r = responses[0]
         return ShardInfo(r.model_id, r.model_type, r.dtype, r.device_type, r.block_size,
                          r.vocab_size, r.max_position_embeddings, tuple(r.eos_token_ids),
-                         r.world_size)
+                         r.world_size, all(s.use_prefix_caching for s in responses))
 
     async def health(self, timeout: float = 5.0) -> None:
         await self._all("Health", pb.HealthRequest(), timeout)

@@ -33,6 +33,9 @@ class RouterConfig:
     enable_prefill_logprobs: bool = False
     # Decode one step at a time (no lookahead, see batcher.py).
     disable_lookahead: bool = False
+    # Start prefills from the cached k/v of the prompt's prefix (block_allocator.py), where the
+    # shards support it.
+    prefix_caching: bool = True
     api_key: str | None = None
     # OpenAI API: a Jinja chat template file overriding the tokenizer's, and the model names
     # clients may ask for (default: the model id; "tgi" is always accepted too).

@@ -74,6 +74,9 @@ class Metrics:
             "tgi_speculation_draft_tokens", "Draft tokens the shards verified (--speculate)")
         self.speculation_accepted_tokens = counter(
             "tgi_speculation_accepted_tokens", "Draft tokens the shards accepted (--speculate)")
+        # Not TGI's: what prefix caching saves (against tgi_request_input_length's sum).
+        self.prefix_cache_hit_tokens = counter(
+            "tgi_prefix_cache_hit_tokens", "Prompt tokens whose k/v came from the prefix cache")
 
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting in the queue", registry=r)
         self.batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=r)
@@ -82,6 +85,9 @@ class Metrics:
         self.batch_max_total_tokens = Gauge(
             "tgi_batch_max_total_tokens", "KV tokens available to batches", registry=r)
         self.kv_blocks_free = Gauge("tgi_kv_blocks_free", "Free KV-cache blocks", registry=r)
+        self.kv_blocks_cached = Gauge(
+            "tgi_kv_blocks_cached", "KV-cache blocks holding a cached prefix, in use or not",
+            registry=r)
 
         self.request_duration = hist("tgi_request_duration", "End-to-end request time (s)", DURATION_BUCKETS)
         self.request_validation_duration = hist(

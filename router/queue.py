@@ -2,7 +2,7 @@
 
 Upstream: `infer.py` appends one `Entry` per validated request.
 Downstream: `batcher.py` calls `next_batch(...)` and sends the returned entries, with their
-freshly allocated `block_ids`, to the shards in a Prefill. Pure and synchronous: the
+allocated `block_ids` and `cache_len`, to the shards in a Prefill. Pure and synchronous: the
 batcher owns the only async loop.
 """
 
@@ -23,6 +23,11 @@ class Entry:
     queued_at: float
     # KV blocks for num_prompt_tokens + max_new_tokens tokens, set by `next_batch`.
     block_ids: list[int] | None = None
+    # Prompt tokens whose k/v are in the cached blocks that start `block_ids` (prefix caching).
+    cache_len: int = 0
+    # The prefix keys of the prompt's full blocks (`BlockAllocator.block_keys`), set by the
+    # queue when prefix caching is on.
+    prompt_keys: list[bytes] | None = None
     # Set by the caller when the client went away; the queue then drops the entry.
     cancelled: bool = False
     # Opaque to the queue: where the caller routes this request's events.
@@ -32,8 +37,14 @@ class Entry:
 class Queue:
     """FIFO of waiting entries; `next_batch` takes from the front, never skips an entry."""
 
-    def __init__(self, allocator: BlockAllocator) -> None:
+    def __init__(self, allocator: BlockAllocator, prefix_caching: bool = False,
+                 prefill_logprobs: bool = False) -> None:
         self.allocator = allocator
+        # Prefix caching: a request starts from the cached blocks of its prompt's prefix,
+        # unless it asks for the prompt's logprobs (`prefill_logprobs`: the router computes
+        # them), which only a full prefill gives.
+        self.prefix_caching = prefix_caching
+        self.prefill_logprobs = prefill_logprobs
         self._entries: deque[Entry] = deque()
         # Cancelled entries dropped so far (TGI's `tgi_request_failure{err="dropped"}`).
         self.num_dropped = 0
@@ -61,10 +72,11 @@ class Queue:
     ) -> list[Entry] | None:
         """Take entries from the front while they fit; None if fewer than `min_size` fit.
 
-        Each entry costs `num_prompt_tokens` of `prefill_token_budget` (rounded up to a
-        multiple of the block size, as TGI does) and `num_prompt_tokens + max_new_tokens`
-        of `token_budget`, and needs blocks for that many tokens. The first entry that does
-        not fit stops the batch and stays at the front. Taken entries get `block_ids`.
+        Each entry costs its prompt tokens not in the prefix cache of `prefill_token_budget`
+        (rounded up to a multiple of the block size, as TGI does) and `num_prompt_tokens +
+        max_new_tokens` of `token_budget`, and needs blocks for that many tokens. The first
+        entry that does not fit stops the batch and stays at the front. Taken entries get
+        `block_ids` and `cache_len`.
         """
         if not self._entries:
             return None
@@ -92,18 +104,36 @@ class Queue:
                 self.num_dropped += 1
                 continue
             request = entry.request
-            num_prefill_tokens += request.num_prompt_tokens
+            cached = self._cached_prefix(entry)
+            num_prefill_tokens += request.num_prompt_tokens - len(cached) * self.allocator.block_size
             num_tokens += request.max_num_tokens
             if num_prefill_tokens > prefill_token_budget or num_tokens > token_budget:
                 self._entries.appendleft(entry)
                 break
-            block_ids = self.allocator.allocate(request.max_num_tokens)
+            block_ids = self.allocator.allocate(request.max_num_tokens, cached)
             if block_ids is None:
                 self._entries.appendleft(entry)
                 break
             entry.block_ids = block_ids
+            entry.cache_len = len(cached) * self.allocator.block_size
             batch.append(entry)
         return batch
+
+    def _cached_prefix(self, entry: Entry) -> list[bytes]:
+        """The keys of the cached blocks `entry`'s prefill can start from."""
+        if not self.prefix_caching:
+            return []
+        request = entry.request
+        if entry.prompt_keys is None:
+            entry.prompt_keys = self.allocator.block_keys(request.input_ids,
+                                                          request.num_prompt_tokens)
+        if self.prefill_logprobs and request.decoder_input_details:
+            return []
+        # NOTE: never the block of the prompt's last token, whose logits the prefill needs
+        # (TGI: "if the whole prompt is cached, prefix_len is reduced by 1"); so a request never
+        # writes into a block it shares.
+        usable = entry.prompt_keys[:(request.num_prompt_tokens - 1) // self.allocator.block_size]
+        return usable[:self.allocator.match(usable)]
 
     def _roll_back(self, batch: list[Entry]) -> None:
         """Free the batch's blocks and put its entries back at the front, in order."""
@@ -111,4 +141,5 @@ class Queue:
             assert entry.block_ids is not None
             self.allocator.free(entry.block_ids)
             entry.block_ids = None
+            entry.cache_len = 0
             self._entries.appendleft(entry)

@@ -74,6 +74,8 @@ def test_router_defaults_are_launch_defaults():
     ({"SHARDED": "false"}, "sharded", False),
     ({"USAGE_STATS": "off"}, "usage_stats", "off"),
     ({"CUDA_GRAPHS": "0"}, "cuda_graphs", "0"),
+    ({"PREFIX_CACHING": "0"}, "prefix_caching", False),
+    ({"PREFIX_CACHING": "1"}, "prefix_caching", True),
 ])
 def test_env_vars(monkeypatch, env, field, expected):
     for name, value in env.items():
@@ -98,6 +100,7 @@ def test_flag_beats_env(monkeypatch):
     (["-p", "81"], "port", 81),
     (["--enable-prefill-logprobs"], "enable_prefill_logprobs", True),
     (["--disable-lookahead"], "disable_lookahead", True),
+    (["--no-prefix-caching"], "prefix_caching", False),
     (["--speculate", "3"], "speculate", 3),
     (["--shard-command", "python fake.py --x 'a b'"], "shard_command",
      ("python", "fake.py", "--x", "a b")),
@@ -271,3 +274,11 @@ def test_default_threads_share_the_cores():
     assert default_num_threads(1) == cores
     assert default_num_threads(cores * 4) == 1
     assert launch_config(num_threads=None, num_shard=1).to_shard_config(0).num_threads == cores
+
+
+def test_prefix_caching_is_on_unless_turned_off_and_reaches_the_router():
+    assert parse_config(["--model-id", "m"]).prefix_caching is True
+    router = launch_config(prefix_caching=False).to_router_config()
+    assert router.prefix_caching is False
+    assert "--no-prefix-caching" in to_argv(router)
+    assert from_argv(RouterConfig, to_argv(router)).prefix_caching is False

@@ -62,6 +62,8 @@ class FakeRequest:
     ignore_eos: bool
     top_n_tokens: int
     prefill_logprobs: bool
+    # Prompt tokens in the prefix cache: their blocks, first in `block_ids`, are shared.
+    cache_len: int = 0
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
 
@@ -231,23 +233,30 @@ class FakeShardClient:
             max_new_tokens=r.request.stopping.max_new_tokens,
             ignore_eos=r.request.stopping.ignore_eos_token,
             top_n_tokens=r.request.top_n_tokens, prefill_logprobs=r.prefill_logprobs,
+            cache_len=r.cache_len,
         )
 
     def _check_blocks(self, new: list[FakeRequest]) -> None:
         live = {r.id: r for b in self.batches.values() for r in b.requests}
-        in_use = {block: rid for rid, r in live.items() for block in r.block_ids}
+        # block -> (request, its index in that request's table)
+        in_use = {block: (rid, i) for rid, r in live.items() for i, block in enumerate(r.block_ids)}
         for r in new:
             if r.id in live or r.id in self.requests:
                 self._violation(f"request id {r.id} prefilled twice")
             needed = len(r.input_ids) + r.max_new_tokens
             if len(r.block_ids) * self.block_size < needed:
                 self._violation(f"request {r.id}: {len(r.block_ids)} blocks for {needed} tokens")
-            for block in r.block_ids:
+            if r.cache_len % self.block_size or r.cache_len >= len(r.input_ids):
+                self._violation(f"request {r.id}: cache_len {r.cache_len} of "
+                                f"{len(r.input_ids)} prompt tokens")
+            for i, block in enumerate(r.block_ids):
                 if not 0 <= block < self.num_blocks:
                     self._violation(f"request {r.id}: block {block} out of range")
-                if block in in_use:
-                    self._violation(f"request {r.id}: block {block} in use by {in_use[block]}")
-                in_use[block] = r.id
+                # a cached prefix's block is shared, at the same place of every table
+                shared = i < r.cache_len // self.block_size
+                if block in in_use and not (shared and in_use[block][1] == i):
+                    self._violation(f"request {r.id}: block {block} in use by {in_use[block][0]}")
+                in_use.setdefault(block, (r.id, i))
 
     def _generate(self, batch: FakeBatch, prefill: bool):
         generations = []

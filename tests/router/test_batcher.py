@@ -8,6 +8,7 @@ fake's `before_step` hook, so no test depends on timing.
 
 import asyncio
 import contextlib
+import dataclasses
 
 import pytest
 from fake_shard import EOS_TOKEN_ID, VOCAB_SIZE, FakeShardClient, chain, next_token
@@ -53,10 +54,11 @@ class Server:
     """One batcher over a fake shard, with the queue and allocator the app would build."""
 
     def __init__(self, tokenizer, fake: FakeShardClient, num_blocks: int = 64,
-                 max_batch_total_tokens: int | None = None, **batching):
+                 max_batch_total_tokens: int | None = None, prefix_caching: bool = False,
+                 **batching):
         self.fake = fake
         self.allocator = BlockAllocator(num_blocks, fake.block_size)
-        self.queue = Queue(self.allocator)
+        self.queue = Queue(self.allocator, prefix_caching=prefix_caching)
         self.metrics = Metrics()
         self.config = BatchingConfig(**{
             "max_batch_prefill_tokens": 4096,
@@ -663,3 +665,70 @@ async def test_many_requests_with_arrivals_cancels_and_few_blocks(make_server, t
     for call in server.fake.calls_of("decode"):
         assert sum(len(ids) for _, ids in call[1]) <= 4
     await server.check_done()
+
+
+# ---- prefix caching ----------------------------------------------------------------------
+
+
+def prefix_keys(server: Server, tokens: tuple[int, ...] | list[int]) -> list[bytes]:
+    return server.allocator.block_keys(tuple(tokens), len(tokens))
+
+
+async def test_a_prompt_is_cached_once_prefilled_and_its_answer_once_finished(
+        make_server, tokenizer):
+    server = make_server(prefix_caching=True)
+    first = request(P1, max_new_tokens=6, prompt_len=9)  # 2 full blocks of 4, then 1 token
+    seen: dict[str, int] = {}
+
+    async def during_decode() -> None:
+        # the prompt's full blocks are cached while the request still runs
+        seen["prompt"] = server.allocator.match(prefix_keys(server, first.input_ids))
+        seen["answer"] = server.allocator.match(
+            prefix_keys(server, first.input_ids + tuple(chain(P1, 6))))
+
+    at_step(server.fake, 1, during_decode)
+    assert_generation(tokenizer, await server.submit(first), P1, 6)
+    await server.check_done()
+    assert seen == {"prompt": 2, "answer": 2}
+    # finished: its 9 + 6 tokens had k/v for all but the last, 3 full blocks
+    answer = first.input_ids + tuple(chain(P1, 6))
+    assert server.allocator.match(prefix_keys(server, answer)) == 3
+
+    # a next turn: the earlier prompt and answer, then a new question
+    follow_up = request(P2, max_new_tokens=3, prompt_len=len(answer) + 4)
+    follow_up = dataclasses.replace(follow_up, input_ids=answer + follow_up.input_ids[-4:])
+    assert_generation(tokenizer, await server.submit(follow_up), P2, 3)
+    (rid,) = server.fake.calls_of("prefill")[-1][2]
+    assert server.fake.requests[rid].cache_len == 12
+    assert server.metrics.prefix_cache_hit_tokens.value() == 12
+    await server.check_done()
+
+
+async def test_a_request_arriving_during_decode_shares_the_running_prompt(make_server, tokenizer):
+    server = make_server(prefix_caching=True)
+    joining: list[asyncio.Task] = []
+    prompt = request(P1, max_new_tokens=4, prompt_len=10)
+
+    async def arrive() -> None:
+        same_start = dataclasses.replace(request(P2, max_new_tokens=4, prompt_len=10),
+                                         input_ids=prompt.input_ids[:8] + (5, P2))
+        joining.extend(await server.submit_queued(same_start))
+
+    at_step(server.fake, 1, arrive)
+    running = server.submit(prompt)
+    await until(lambda: joining, "arrival")
+    assert_generation(tokenizer, await joining[0], P2, 4)
+    assert_generation(tokenizer, await running, P1, 4)
+    first, second = (server.fake.requests[rid] for rid in (1, 2))
+    assert (first.cache_len, second.cache_len) == (0, 8)
+    assert second.block_ids[:2] == first.block_ids[:2]
+    await server.check_done()  # the fake checked the shared blocks; every block free again
+
+
+async def test_a_failed_prefill_caches_nothing(make_server, tokenizer):
+    server = make_server(prefix_caching=True)
+    server.fake.fail_next("prefill")
+    with pytest.raises(InferError):
+        await server.submit(request(P1, max_new_tokens=4, prompt_len=9))
+    await server.check_done()
+    assert server.allocator.num_cached_blocks == 0

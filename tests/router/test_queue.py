@@ -1,3 +1,5 @@
+import dataclasses
+
 from tgi_server.router.block_allocator import BlockAllocator
 from tgi_server.router.queue import Entry, Queue
 from tgi_server.router.types import SamplingParams, StoppingParams, ValidRequest
@@ -160,3 +162,84 @@ def test_remove_cancelled():
     assert front_ids(queue) == [0, 2]
     assert queue.num_dropped == 1
     assert queue.remove_cancelled() == []
+
+
+# ---- prefix caching ----------------------------------------------------------------------
+
+
+def prompt_entry(entry_id: int, input_ids: list[int], max_new_tokens: int = 4,
+                 decoder_input_details: bool = False) -> Entry:
+    entry = make_entry(entry_id, len(input_ids), max_new_tokens)
+    entry.request = dataclasses.replace(entry.request, input_ids=tuple(input_ids),
+                                        decoder_input_details=decoder_input_details)
+    return entry
+
+
+def prefilled(queue: Queue, entry: Entry) -> Entry:
+    """`entry` batched alone, its prompt's blocks registered as the batcher does after a prefill."""
+    queue.append(entry)
+    (taken,) = queue.next_batch(None, None, 1000, 1000)
+    if taken.prompt_keys:
+        queue.allocator.cache(taken.block_ids, taken.prompt_keys)
+    return taken
+
+
+def test_a_prompt_starts_from_its_cached_prefix_which_costs_no_prefill_budget():
+    queue = Queue(BlockAllocator(16, 4), prefix_caching=True)
+    system = list(range(100, 112))  # 3 blocks
+    first = prefilled(queue, prompt_entry(0, system + [1, 2]))
+    assert first.cache_len == 0
+    queue.append(prompt_entry(1, system + [3, 4, 5]))
+    # 15 tokens, 12 of them cached: 3 to prefill (the budget rounds up to one block)
+    (second,) = queue.next_batch(None, None, 4, 1000)
+    assert second.cache_len == 12
+    assert second.block_ids[:3] == first.block_ids[:3]
+    assert not set(second.block_ids[3:]) & set(first.block_ids)
+    # another prompt shares the first block only
+    queue.append(prompt_entry(2, system[:4] + [7] * 9))
+    (third,) = queue.next_batch(None, None, 1000, 1000)
+    assert third.cache_len == 4 and third.block_ids[0] == first.block_ids[0]
+    for entry in (first, second, third):
+        queue.allocator.free(entry.block_ids)
+    queue.allocator.check_integrity()
+    assert queue.allocator.num_free_blocks == 16
+
+
+def test_a_fully_cached_prompt_still_prefills_its_last_block():
+    queue = Queue(BlockAllocator(16, 4), prefix_caching=True)
+    prompt = list(range(8))
+    prefilled(queue, prompt_entry(0, prompt))
+    queue.append(prompt_entry(1, prompt))
+    (again,) = queue.next_batch(None, None, 1000, 1000)
+    assert again.cache_len == 4
+
+
+def test_no_prefix_cache_when_off_or_for_prompt_logprobs():
+    prompt = list(range(12))
+    off = Queue(BlockAllocator(16, 4))
+    prefilled(off, prompt_entry(0, prompt))
+    off.append(prompt_entry(1, prompt + [1]))
+    assert off.next_batch(None, None, 1000, 1000)[0].cache_len == 0
+    assert off.allocator.num_cached_blocks == 0
+
+    queue = Queue(BlockAllocator(16, 4), prefix_caching=True, prefill_logprobs=True)
+    prefilled(queue, prompt_entry(0, prompt))
+    queue.append(prompt_entry(1, prompt + [1], decoder_input_details=True))
+    queue.append(prompt_entry(2, prompt + [1]))
+    details, plain = queue.next_batch(None, None, 1000, 1000)
+    # the prompt's logprobs need every prompt token computed
+    assert details.cache_len == 0 and plain.cache_len == 12
+
+
+def test_a_rolled_back_batch_returns_its_cached_blocks():
+    queue = Queue(BlockAllocator(16, 4), prefix_caching=True)
+    prompt = list(range(12))
+    first = prefilled(queue, prompt_entry(0, prompt))
+    queue.allocator.free(first.block_ids)
+    queue.append(prompt_entry(1, prompt + [1]))
+    # fewer than min_size fit: rolled back
+    assert queue.next_batch(2, None, 1000, 1000) is None
+    entry = queue._entries[0]
+    assert entry.block_ids is None and entry.cache_len == 0
+    queue.allocator.check_integrity()
+    assert queue.allocator.num_free_blocks == 16 and queue.allocator.num_cached_blocks == 3
