@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--token-ids", action="store_true", help="OpenAI API: send token-id prompts")
     p.add_argument("--prompt-tokens", default="128", help="N or MIN-MAX (uniform), default 128")
     p.add_argument("--new-tokens", default="128", help="N or MIN-MAX (uniform), default 128")
+    p.add_argument("--shared-prefix-tokens", type=int, default=0,
+                   help="the first N tokens of every prompt of a load are the same text (a "
+                        "system prompt), for prefix caches to reuse; default 0: all fresh")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", default="1,4,16,64", help="levels, default 1,4,16,64")
     load.add_argument("--rate", help="Poisson request rates per second, e.g. 0.5,1,2")
@@ -78,7 +81,7 @@ def _loads(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 def run(args: argparse.Namespace) -> list[LoadResult]:
     (prompt, prompt_max), (new, new_max) = _span(args.prompt_tokens), _span(args.new_tokens)
-    workload = Workload(prompt, new, prompt_max, new_max, args.seed)
+    workload = Workload(prompt, new, prompt_max, new_max, args.seed, args.shared_prefix_tokens)
     source = PromptSource(_tokenizer(args), seed=args.seed)
     rng = random.Random(args.seed)
     target = loadgen.Target(args.url, args.api, args.model, args.token_ids)

@@ -43,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL_CACHE = ROOT / ".cache" / "bench-models"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 SYSTEMS = ("tgi-server", "llama.cpp", "vllm", "transformers")
+# Ours with `--no-prefix-caching`: what the prefix cache gives, beside the peers' own caches.
+# Not run unless named (`--systems ...,tgi-server-no-prefix-cache` with --shared-prefix-tokens).
+UNCACHED = "tgi-server-no-prefix-cache"
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,9 @@ def start_http(model: Path, dtype: str, systems: list[str], peers: list[Peer],
     fails is noted and left out, ours failing ends the run."""
     starts = [(OURS, "server", lambda path: tgi_server(model, flags[dtype], path))
               ] if OURS in systems else []
+    if UNCACHED in systems:
+        starts.append((UNCACHED, "server-no-prefix-cache", lambda path: tgi_server(
+            model, [*flags[dtype], "--no-prefix-caching"], path)))
     starts += [(p.name, p.name, lambda path, p=p: p.start(model, dtype, s.shape, path))
                for p in peers if dtype in p.dtypes]
     up = []
@@ -247,7 +253,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: small model, 32 new tokens, "
                    "concurrency 1 and 8")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of "
-                   f"{','.join(SYSTEMS)} (peers that are not found are reported and skipped)")
+                   f"{','.join(SYSTEMS)} (peers that are not found are reported and skipped), "
+                   f"and {UNCACHED} (ours with --no-prefix-caching)")
     p.add_argument("--skip-baseline", action="store_true", help="same as leaving out transformers")
     p.add_argument("--dtypes", help="comma-separated, default float32,bfloat16")
     p.add_argument("--concurrency", help="comma-separated concurrency levels, default 1,8,32")
@@ -255,6 +262,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "concurrency c sends c requests at once)")
     p.add_argument("--prompt-tokens", type=int)
     p.add_argument("--new-tokens", type=int)
+    p.add_argument("--shared-prefix-tokens", type=int, help="the first N tokens of every "
+                   "prompt of a load are the same text (a system prompt), for prefix caches to "
+                   "reuse; default 0: all fresh")
     p.add_argument("--threads", type=int, help="CPU threads of every system (default 2)")
     p.add_argument("--shard-batch-sizes", help="shard micro-benchmark batch sizes, default "
                    "1,8,32,64 ('' to skip it)")
@@ -273,7 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     s = QUICK if args.quick else Settings()
-    work = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+    work = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "shared_prefix_tokens": args.shared_prefix_tokens}
     overrides = {
         "size": args.size, "threads": args.threads, "num_sequential_requests": args.requests,
         "max_quiet_wait_s": args.max_quiet_wait_s, "rounds": args.rounds,
@@ -309,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     s = settings_from(args)
     systems = [n for n in args.systems.split(",") if n and not (
         n == "transformers" and args.skip_baseline)]
-    if unknown := set(systems) - set(SYSTEMS):
-        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    if unknown := set(systems) - {*SYSTEMS, UNCACHED}:
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {(*SYSTEMS, UNCACHED)}")
     if s.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1, not {s.rounds}")
     if s.speculate < 0:
@@ -348,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     flags = {dtype: tgi_server_flags(dtype, s.threads, s.workload.max_prompt_tokens,
                                      s.workload.max_new, max(s.levels), s.block_size,
                                      s.speculate)
-             for dtype in s.dtypes if "tgi-server" in systems}
+             for dtype in s.dtypes if {OURS, UNCACHED} & set(systems)}
     for rnd in range(s.rounds):
         if s.rounds > 1:
             log(f"round {rnd + 1} of {s.rounds}")

@@ -3,7 +3,9 @@
 Upstream: `compare.py` and `cli.py` build a `Workload` from flags and draw `Job`s from a
 `PromptSource`. Downstream: `loadgen.py` sends each job once; `baselines.py` feeds them to
 transformers. Every prompt is new text (standard-library source, never sent twice in a run)
-with a first KV block no other prompt shares, so no system's prefix cache can reuse work.
+with a first KV block no other prompt shares, so no system's prefix cache can reuse work;
+unless the workload asks for a shared prefix (`shared_prefix_tokens`, "a system prompt"):
+then every prompt of one draw of jobs starts with the same text, and only the rest is new.
 """
 
 import random
@@ -31,13 +33,25 @@ class Workload:
     prompt_tokens_max: int | None = None
     new_tokens_max: int | None = None
     seed: int = 0
+    # The first tokens of every prompt of one `jobs()` draw are the same text (0: none).
+    shared_prefix_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shared_prefix_tokens < self.prompt_tokens:
+            raise ValueError(f"a shared prefix of {self.shared_prefix_tokens} tokens does not "
+                             f"leave room in {self.prompt_tokens}-token prompts")
 
     def describe(self) -> str:
         def span(low: int, high: int | None) -> str:
             return f"{low}" if high is None else f"uniform {low}-{high}"
 
-        return (f"fresh {span(self.prompt_tokens, self.prompt_tokens_max)}-token prompts, "
-                f"{span(self.new_tokens, self.new_tokens_max)} new tokens, greedy")
+        prompts = f"{span(self.prompt_tokens, self.prompt_tokens_max)}-token prompts"
+        if self.shared_prefix_tokens:
+            prompts += (f" whose first {self.shared_prefix_tokens} tokens are the same text in "
+                        "every request of a load (the rest fresh)")
+        else:
+            prompts = "fresh " + prompts
+        return f"{prompts}, {span(self.new_tokens, self.new_tokens_max)} new tokens, greedy"
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -51,10 +65,15 @@ class Workload:
         def draw(low: int, high: int | None) -> int:
             return low if high is None else rng.randint(low, high)
 
+        shared = self.shared_prefix_tokens
+        prefix, prefix_ids = source.take(shared) if shared else ("", [])
         out = []
         for _ in range(count):
-            text, ids = source.take(draw(self.prompt_tokens, self.prompt_tokens_max))
-            out.append(Job(text, ids, draw(self.new_tokens, self.new_tokens_max)))
+            text, ids = source.take(draw(self.prompt_tokens, self.prompt_tokens_max) - shared)
+            # NOTE: the two texts' ids, not the joined text's: a tokenizer may merge across the
+            # seam, which would change the prompt's length by a token, never the shared part.
+            out.append(Job(prefix + text, prefix_ids + ids,
+                           draw(self.new_tokens, self.new_tokens_max)))
         return out
 
 

@@ -275,6 +275,24 @@ def test_sampled_lengths_stay_in_their_ranges_and_prompts_are_never_reused(model
         "fresh uniform 20-40-token prompts, 4 new tokens, greedy")
 
 
+def test_a_shared_prefix_starts_every_prompt_of_a_draw_and_only_that_draw(model_dir):
+    import random
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir("llama", "tiny"))
+    source = workloads.PromptSource(tokenizer, block_size=16)
+    work = workloads.Workload(prompt_tokens=48, new_tokens=4, shared_prefix_tokens=32)
+    first, second = (work.jobs(source, 4, random.Random(0)) for _ in range(2))
+    for jobs in (first, second):
+        assert [len(j.prompt_ids) for j in jobs] == [48] * 4
+        assert len({tuple(j.prompt_ids[:32]) for j in jobs}) == 1
+        assert len({tuple(j.prompt_ids[32:]) for j in jobs}) == 4
+        assert len({j.prompt[:40] for j in jobs}) == 1
+    assert first[0].prompt_ids[:32] != second[0].prompt_ids[:32]
+    assert work.describe().startswith("48-token prompts whose first 32 tokens are the same")
+    with pytest.raises(ValueError, match="does not leave room"):
+        workloads.Workload(prompt_tokens=32, shared_prefix_tokens=32)
+
+
 def test_machine_info_reads_cpu_cores_and_ram():
     info = output.machine_info()
     assert int(info["cores"]) >= 1
