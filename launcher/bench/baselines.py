@@ -34,6 +34,8 @@ class Shape:
     max_concurrency: int
     max_prompt_tokens: int
     max_new_tokens: int
+    # Prompts share a prefix (`--shared-prefix-tokens`): peers keep their prefix caches on.
+    shared_prefix: bool = False
 
     @property
     def max_len(self) -> int:
@@ -206,7 +208,9 @@ def _vllm(python: str, model: Path, dtype: str, shape: Shape, log_path: Path,
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "bench", "--max-model-len", str(shape.max_len),
-           "--max-num-seqs", str(shape.max_concurrency), "--no-enable-prefix-caching",
+           "--max-num-seqs", str(shape.max_concurrency),
+           # NOTE: fresh prompts leave a prefix cache nothing to reuse, only hashing to do.
+           *([] if shape.shared_prefix else ["--no-enable-prefix-caching"]),
            "--disable-log-stats", *_vllm_speculation(speculate)]
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "4",
                         "VLLM_CPU_OMP_THREADS_BIND": f"0-{shape.threads - 1}"}

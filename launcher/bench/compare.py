@@ -72,7 +72,7 @@ class Settings:
     @property
     def shape(self) -> Shape:
         return Shape(self.threads, max(self.levels), self.workload.max_prompt_tokens,
-                     self.workload.max_new)
+                     self.workload.max_new, self.workload.shared_prefix_tokens > 0)
 
 
 QUICK = Settings(size="small", workload=Workload(new_tokens=32), levels=(1, 8),

@@ -66,14 +66,12 @@ class Workload:
             return low if high is None else rng.randint(low, high)
 
         shared = self.shared_prefix_tokens
-        prefix, prefix_ids = source.take(shared) if shared else ("", [])
+        prefix = source.take(shared) if shared else ("", [])
         out = []
         for _ in range(count):
-            text, ids = source.take(draw(self.prompt_tokens, self.prompt_tokens_max) - shared)
-            # NOTE: the two texts' ids, not the joined text's: a tokenizer may merge across the
-            # seam, which would change the prompt's length by a token, never the shared part.
-            out.append(Job(prefix + text, prefix_ids + ids,
-                           draw(self.new_tokens, self.new_tokens_max)))
+            n = draw(self.prompt_tokens, self.prompt_tokens_max)
+            text, ids = source.take(n) if not shared else source.take_after(prefix, n - shared)
+            out.append(Job(text, ids, draw(self.new_tokens, self.new_tokens_max)))
         return out
 
 
@@ -107,8 +105,22 @@ class PromptSource:
         start, self._offset = self._offset, self._offset + chars
         return self._text[start:self._offset]
 
+    def take_after(self, prefix: tuple[str, list[int]], num_tokens: int,
+                   tries: int = 100) -> tuple[str, list[int]]:
+        """`prefix`'s text followed by a fresh one of `num_tokens` ids, whose ids are the
+        prefix's then its own: drawn again while the two would merge across the seam."""
+        text, ids = prefix
+        for _ in range(tries):
+            more, more_ids = self.take(num_tokens)
+            if self._encode(text + more) == ids + more_ids:
+                return text + more, ids + more_ids
+        raise RuntimeError(f"no text of {num_tokens} tokens tokenizes apart from the prefix")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
     def take(self, num_tokens: int) -> tuple[str, list[int]]:
-        encode = lambda text: self.tokenizer(text, add_special_tokens=False).input_ids
+        encode = self._encode
         while True:
             ids = encode(self._window(num_tokens * CHARS_PER_TOKEN))
             for cut in (num_tokens, num_tokens - 1, num_tokens + 1, num_tokens - 2, num_tokens + 2):

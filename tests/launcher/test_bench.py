@@ -287,6 +287,8 @@ def test_a_shared_prefix_starts_every_prompt_of_a_draw_and_only_that_draw(model_
         assert len({tuple(j.prompt_ids[:32]) for j in jobs}) == 1
         assert len({tuple(j.prompt_ids[32:]) for j in jobs}) == 4
         assert len({j.prompt[:40] for j in jobs}) == 1
+        assert all(tokenizer(j.prompt, add_special_tokens=False).input_ids == j.prompt_ids
+                   for j in jobs)
     assert first[0].prompt_ids[:32] != second[0].prompt_ids[:32]
     assert work.describe().startswith("48-token prompts whose first 32 tokens are the same")
     with pytest.raises(ValueError, match="does not leave room"):
