@@ -37,6 +37,8 @@ class AttentionMetadata:
     # Every sequence's queries start at position 0 (a prefill with no cached prefix): the
     # mask is plain causality, which SDPA can apply without reading a mask.
     fresh: bool = False
+    # A prefill: the rows are prompt tokens, after any cached prefix (not a decode step's).
+    prefill: bool = False
 
     @classmethod
     def from_lists(
@@ -290,14 +292,13 @@ class Attention(nn.Module):
             return _flash_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
                                           self.sliding_window)
         if _use_cpu_kernels(q, self.head_dim):
-            if meta.fresh and meta.max_query_len > 1:
+            if (meta.fresh or meta.prefill) and meta.max_query_len > 1:
                 return cpu_kernels.prefill_attention(q, self.k_cache, self.v_cache,
                                                      meta.block_tables, meta.cu_seqlens_q,
                                                      meta.context_lens, self.scale,
                                                      self.sliding_window)
-            # NOTE: rows continuing cached sequences (a decode step, a speculative step's
-            # drafts) as one-token queries each, as the fused decode layers take them (the
-            # same bits either way).
+            # NOTE: a decode step's rows (a speculative step's drafts too) as one-token queries
+            # each, as the fused decode layers take them (the same bits either way).
             tables, lens = rows_as_decode(meta, q.shape[0])
             return cpu_kernels.decode_attention(q, self.k_cache, self.v_cache, tables, lens,
                                                 self.scale, self.sliding_window)

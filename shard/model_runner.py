@@ -79,7 +79,7 @@ class ModelRunner:
         return torch.tensor(rows, dtype=torch.int64, device=self.device)  # [batch, max_blocks]
 
     def _inputs(self, batch: Batch, starts: list[int], ends: list[int],
-                tokens: list[list[int]] | None = None) -> StepInputs:
+                tokens: list[list[int]] | None = None, prefill: bool = False) -> StepInputs:
         """Inputs for positions [starts[i], ends[i]) of each request i (ends = context lengths):
         its own tokens there, or `tokens[i]` (a decode step's last token and its drafts)."""
         query_lens = [e - s for s, e in zip(starts, ends)]
@@ -111,6 +111,7 @@ class ModelRunner:
             max_query_len=max(query_lens),
             max_context_len=max(ends),
             fresh=not any(starts),
+            prefill=prefill,
         )
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.int64, device=dev),
@@ -120,7 +121,8 @@ class ModelRunner:
         )
 
     def prepare_prefill(self, batch: Batch) -> StepInputs:
-        return self._inputs(batch, batch.num_computed_tokens, [len(t) for t in batch.token_ids])
+        return self._inputs(batch, batch.num_computed_tokens, [len(t) for t in batch.token_ids],
+                            prefill=True)
 
     def prepare_decode(self, batch: Batch) -> StepInputs:
         ends = [len(t) for t in batch.token_ids]

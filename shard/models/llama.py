@@ -186,6 +186,10 @@ class LlamaDecoderLayer(nn.Module):
 # prompt's tail) that still run through decode_layer: its attention reads each row's context
 # once, which stays cheap for a few rows per sequence at any context length.
 FUSED_MAX_ROWS = 64
+# NOTE: a prefill's rows past a cached prefix go through the modules, whose prefill kernel
+# reads a sequence's keys once for all its rows, from 32 rows on: tails of 64 / 128 rows after
+# 1024 cached tokens 0.87x / 0.77x the time in bfloat16, 16 rows 1.03-1.15x (NOTES 57).
+FUSED_MAX_PREFILL_ROWS = 32
 
 
 class LlamaModel(nn.Module):
@@ -223,7 +227,8 @@ class LlamaModel(nn.Module):
         # NOTE: the modules cost ~40 Python dispatches a layer: 1.2 ms of a 17.9 ms float32
         # step at one sequence (NOTES 36).
         meta = get_forward_context()
-        small_continuation = not meta.fresh and hidden.shape[0] <= FUSED_MAX_ROWS
+        most = FUSED_MAX_PREFILL_ROWS if meta.prefill else FUSED_MAX_ROWS
+        small_continuation = not meta.fresh and hidden.shape[0] <= most
         if (not self.fused_decode or hidden.device.type != "cpu"
                 or not (meta.max_query_len == 1 or small_continuation)
                 or not cpu_kernels.available(hidden.dtype)):

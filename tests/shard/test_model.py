@@ -442,7 +442,7 @@ def test_prefill_rows_attend_through_the_cpu_kernels(dtype, window, monkeypatch)
     """A fresh prompt, one with a cached prefix, and a decode row in one batch, as the torch
     path computes them, through the decode kernel, each row a one-token query
     (`rows_as_decode`, as the fused decode layers take a speculative step's rows); fresh
-    prompts alone through the prefill kernel."""
+    prompts alone, and a prefill's prompts after a cached prefix, through the prefill kernel."""
     from tgi_server.shard.attention import Attention, _torch_paged_attention
 
     if not cpu_kernels.available(dtype):
@@ -468,6 +468,12 @@ def test_prefill_rows_attend_through_the_cpu_kernels(dtype, window, monkeypatch)
     torch.testing.assert_close(layer._attend_paged(q[:12], fresh).float(), want.float(),
                                atol=tol, rtol=tol)
     assert calls == ["decode_attention", "prefill_attention"]
+    cached = AttentionMetadata.from_lists([5, 7], [5, 30], tables[:2], BLOCK_SIZE)
+    cached.prefill = True  # a prefill after 23 prefix-cached tokens
+    want = _torch_paged_attention(q[:12], layer.k_cache, layer.v_cache, cached, layer.scale, window)
+    torch.testing.assert_close(layer._attend_paged(q[:12], cached).float(), want.float(),
+                               atol=tol, rtol=tol)
+    assert calls == ["decode_attention", "prefill_attention", "prefill_attention"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
