@@ -98,13 +98,21 @@ class Queue:
         batch: list[Entry] = []
         num_prefill_tokens = 0
         num_tokens = 0
+        computing: set[bytes] = set()  # the prompt blocks this batch's prefill will compute
         while self._entries and (max_size is None or len(batch) < max_size):
             entry = self._entries.popleft()
             if entry.cancelled:
                 self.num_dropped += 1
                 continue
             request = entry.request
-            cached = self._cached_prefix(entry)
+            usable = self._usable_keys(entry)
+            cached = usable[:self.allocator.match(usable)]
+            if len(cached) < len(usable) and usable[len(cached)] in computing:
+                # NOTE: its prompt continues one this batch computes: in the next prefill,
+                # those blocks are cached and it computes only the rest (several requests
+                # arriving at once with one system prompt compute it once).
+                self._entries.appendleft(entry)
+                break
             num_prefill_tokens += request.num_prompt_tokens - len(cached) * self.allocator.block_size
             num_tokens += request.max_num_tokens
             if num_prefill_tokens > prefill_token_budget or num_tokens > token_budget:
@@ -117,10 +125,11 @@ class Queue:
             entry.block_ids = block_ids
             entry.cache_len = len(cached) * self.allocator.block_size
             batch.append(entry)
+            computing.update(entry.prompt_keys or ())
         return batch
 
-    def _cached_prefix(self, entry: Entry) -> list[bytes]:
-        """The keys of the cached blocks `entry`'s prefill can start from."""
+    def _usable_keys(self, entry: Entry) -> list[bytes]:
+        """The keys of the prompt blocks `entry`'s prefill could start from if cached."""
         if not self.prefix_caching:
             return []
         request = entry.request
@@ -132,8 +141,7 @@ class Queue:
         # NOTE: never the block of the prompt's last token, whose logits the prefill needs
         # (TGI: "if the whole prompt is cached, prefix_len is reduced by 1"); so a request never
         # writes into a block it shares.
-        usable = entry.prompt_keys[:(request.num_prompt_tokens - 1) // self.allocator.block_size]
-        return usable[:self.allocator.match(usable)]
+        return entry.prompt_keys[:(request.num_prompt_tokens - 1) // self.allocator.block_size]
 
     def _roll_back(self, batch: list[Entry]) -> None:
         """Free the batch's blocks and put its entries back at the front, in order."""

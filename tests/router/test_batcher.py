@@ -732,3 +732,18 @@ async def test_a_failed_prefill_caches_nothing(make_server, tokenizer):
         await server.submit(request(P1, max_new_tokens=4, prompt_len=9))
     await server.check_done()
     assert server.allocator.num_cached_blocks == 0
+
+
+async def test_requests_arriving_together_with_one_prompt_compute_it_once(make_server, tokenizer):
+    server = make_server(prefix_caching=True, start=False)
+    same = [dataclasses.replace(request(last, max_new_tokens=3, prompt_len=10),
+                                input_ids=(9,) * 8 + (4, last)) for last in (P1, P2, P3)]
+    tasks = await server.submit_queued(*same)
+    server.start()
+    for task, last in zip(tasks, (P1, P2, P3)):
+        assert_generation(tokenizer, await task, last, 3)
+    prefills = server.fake.calls_of("prefill")
+    # the first alone; the others once its prompt's blocks are cached, from them
+    assert [c[2] for c in prefills] == [(1,), (2, 3)]
+    assert [server.fake.requests[rid].cache_len for rid in (1, 2, 3)] == [0, 8, 8]
+    await server.check_done()

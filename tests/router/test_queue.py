@@ -243,3 +243,24 @@ def test_a_rolled_back_batch_returns_its_cached_blocks():
     assert entry.block_ids is None and entry.cache_len == 0
     queue.allocator.check_integrity()
     assert queue.allocator.num_free_blocks == 16 and queue.allocator.num_cached_blocks == 3
+
+
+def test_a_prompt_continuing_one_of_the_batch_waits_for_the_next_prefill():
+    queue = Queue(BlockAllocator(32, 4), prefix_caching=True)
+    system = list(range(100, 112))
+    queue.append(prompt_entry(0, system + [1, 2]))
+    queue.append(prompt_entry(1, list(range(50, 60))))  # unrelated
+    queue.append(prompt_entry(2, system + [3, 4]))  # continues entry 0's prompt
+    queue.append(prompt_entry(3, list(range(70, 80))))
+    first = queue.next_batch(None, None, 1000, 1000)
+    # FIFO: entry 2 stops the batch, and entry 3 waits behind it
+    assert ids(first) == [0, 1] and front_ids(queue) == [2, 3]
+    for entry in first:
+        queue.allocator.cache(entry.block_ids, entry.prompt_keys)
+    second = queue.next_batch(None, None, 1000, 1000)
+    assert ids(second) == [2, 3]
+    assert second[0].cache_len == 12 and second[0].block_ids[:3] == first[0].block_ids[:3]
+    # a prompt sharing only what is cached already does not wait
+    queue.append(prompt_entry(4, system + [5, 6]))
+    queue.append(prompt_entry(5, system + [7, 8]))
+    assert [e.cache_len for e in queue.next_batch(None, None, 1000, 1000)] == [12, 12]
