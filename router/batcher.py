@@ -270,6 +270,7 @@ class Batcher:
         if finish is not None:
             event.generated_text = self.tokenizer.decode(state.generated_ids, skip_special_tokens=True)
             event.queued_at, event.started_at = entry.queued_at, state.started_at
+            event.cached_tokens = entry.cache_len
             self._release(entry)
         state.events.put_nowait(event)
 

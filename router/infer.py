@@ -56,6 +56,8 @@ class InferEvent:
     # Final event only: timestamps (time.monotonic) for headers and metrics.
     queued_at: float = 0.0
     started_at: float = 0.0
+    # Final event only: prompt tokens whose k/v came from the prefix cache.
+    cached_tokens: int = 0
 
 
 @dataclass(slots=True)

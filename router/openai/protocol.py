@@ -283,10 +283,16 @@ class CompletionRequest(SamplingRequest):
 # ---- responses ---------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    # Prompt tokens whose KV came from the prefix cache (`--prefix-caching`).
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class TopLogprob(BaseModel):

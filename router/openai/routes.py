@@ -138,7 +138,8 @@ async def chat_completions(request: Request) -> Response:
             if job.gen.logprobs else None,
             finish_reason=p.finish_reason(events[-1].finish_reason),
         ))
-    usage = job.usage(sum(events[-1].num_generated_tokens for events in results))
+    usage = job.usage(sum(events[-1].num_generated_tokens for events in results),
+                      sum(job.cached_tokens(i, events[-1]) for i, events in enumerate(results)))
     response = p.ChatCompletion(**job.header("chatcmpl"), choices=choices, usage=usage)
     return JSONResponse(response.model_dump(mode="json"))
 
@@ -171,7 +172,7 @@ async def chat_chunks(job: Job, include_usage: bool) -> AsyncIterator[p.ChatComp
     for index in range(len(texts)):
         delta = p.ChatDelta(role="assistant", content="")
         yield p.ChatCompletionChunk(**header, choices=[p.ChatChunkChoice(index=index, delta=delta)])
-    num_generated_tokens = 0
+    num_generated_tokens = num_cached_tokens = 0
     async for index, event in stream(job):
         content = texts[index].push(event)
         logprobs = None
@@ -180,13 +181,15 @@ async def chat_chunks(job: Job, include_usage: bool) -> AsyncIterator[p.ChatComp
         finish = None if event.finish_reason is None else p.finish_reason(event.finish_reason)
         if finish is not None:
             num_generated_tokens += event.num_generated_tokens
+            num_cached_tokens += job.cached_tokens(index, event)
         elif not content and logprobs is None:
             continue
         choice = p.ChatChunkChoice(index=index, delta=p.ChatDelta(content=content or None),
                                    logprobs=logprobs, finish_reason=finish)
         yield p.ChatCompletionChunk(**header, choices=[choice])
     if include_usage:
-        yield p.ChatCompletionChunk(**header, choices=[], usage=job.usage(num_generated_tokens))
+        yield p.ChatCompletionChunk(**header, choices=[],
+                                    usage=job.usage(num_generated_tokens, num_cached_tokens))
 
 
 # ---- completions ---------------------------------------------------------------------------
@@ -201,7 +204,7 @@ async def completions(request: Request) -> Response:
         return openai_stream(completion_chunks(job, body.include_usage))
     results = await run(job)
     tokenizer = request.app.state.router.tokenizer
-    choices, num_generated_tokens = [], 0
+    choices, num_generated_tokens, num_cached_tokens = [], 0, 0
     for index, (valid, events) in enumerate(zip(job.choices, results)):
         choice = CompletionChoiceBuilder(job, index, tokenizer, valid)
         text = choice.start(events[0]) + "".join(choice.push(e) for e in events)
@@ -209,8 +212,9 @@ async def completions(request: Request) -> Response:
             index=index, text=text, logprobs=choice.logprobs,
             finish_reason=choice.finish_reason(events[-1])))
         num_generated_tokens += events[-1].num_generated_tokens if job.gen.keep_generated else 0
+        num_cached_tokens += job.cached_tokens(index, events[-1])
     response = p.Completion(**job.header("cmpl"), choices=choices,
-                            usage=job.usage(num_generated_tokens))
+                            usage=job.usage(num_generated_tokens, num_cached_tokens))
     return JSONResponse(response.model_dump(mode="json"))
 
 
@@ -303,11 +307,13 @@ async def completion_chunks(job: Job, include_usage: bool) -> AsyncIterator[p.Co
         if job.gen.echo:
             choice = p.CompletionChoice(index=index, text=builder.start(None))
             yield p.Completion(**header, choices=[choice])
-    num_generated_tokens = 0
+    num_generated_tokens = num_cached_tokens = 0
     async for index, event in stream(job):
         text = builders[index].push(event)
         logprobs = builders[index].take_logprobs()
         finish = builders[index].finish_reason(event)
+        if finish is not None:
+            num_cached_tokens += job.cached_tokens(index, event)
         if finish is not None and job.gen.keep_generated:
             num_generated_tokens += event.num_generated_tokens
         if not text and not (logprobs and logprobs.tokens) and finish is None:
@@ -315,7 +321,8 @@ async def completion_chunks(job: Job, include_usage: bool) -> AsyncIterator[p.Co
         choice = p.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
         yield p.Completion(**header, choices=[choice])
     if include_usage:
-        yield p.Completion(**header, choices=[], usage=job.usage(num_generated_tokens))
+        yield p.Completion(**header, choices=[],
+                           usage=job.usage(num_generated_tokens, num_cached_tokens))
 
 
 # ---- models --------------------------------------------------------------------------------

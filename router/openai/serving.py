@@ -20,7 +20,12 @@ from starlette.requests import Request
 from tgi_server.router import routes as native
 from tgi_server.router.infer import Infer, InferError, InferEvent, overloaded
 from tgi_server.router.openai.chat_template import read_chat_template
-from tgi_server.router.openai.protocol import GenerationParams, OpenAIError, Usage
+from tgi_server.router.openai.protocol import (
+    GenerationParams,
+    OpenAIError,
+    PromptTokensDetails,
+    Usage,
+)
 from tgi_server.router.tokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from tgi_server.router.types import ValidRequest
 
@@ -146,10 +151,17 @@ class Job:
     def prompt_of(self, choice: int) -> ValidRequest:
         return self.prompts[choice // self.gen.n]
 
-    def usage(self, num_completion_tokens: int) -> Usage:
+    def usage(self, num_completion_tokens: int, num_cached_tokens: int = 0) -> Usage:
+        """`num_cached_tokens`: the prefix-cached prompt tokens of each prompt's first choice
+        (`cached_tokens`), as its prompt tokens are counted once however many choices."""
         num_prompt_tokens = sum(v.num_prompt_tokens for v in self.prompts)
         return Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
-                     total_tokens=num_prompt_tokens + num_completion_tokens)
+                     total_tokens=num_prompt_tokens + num_completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached_tokens))
+
+    def cached_tokens(self, choice: int, final: InferEvent) -> int:
+        """What `final`, the last event of `choice`, adds to `usage`'s cached tokens."""
+        return final.cached_tokens if choice % self.gen.n == 0 else 0
 
     def on_choice_done(self, choice: int, final: InferEvent) -> None:
         """Metrics once per prompt (as `/generate` with best_of), on its first choice."""

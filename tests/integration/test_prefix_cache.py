@@ -3,6 +3,7 @@ earlier prompt and its answer, prefills only the rest, and its greedy tokens are
 transformers' own; every block is free again once the server is idle."""
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -139,3 +140,27 @@ def test_the_cache_gives_way_to_new_prompts(served, reference):
         want = (num_tokens(url, prompt) - 1) // 16 * 16 if cached else 0
         assert metric(url, "tgi_prefix_cache_hit_tokens") - hits == want
         assert_same_or_near_tie(reference, prompt, hf_greedy(reference, prompt), got)
+
+
+def test_openai_usage_reports_the_cached_prompt_tokens(served):
+    _, url = served
+    body = {"model": "tgi", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": QUESTIONS[3]}]}
+    first = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    hits = metric(url, "tgi_prefix_cache_hit_tokens")
+    second = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == metric(url, "tgi_prefix_cache_hit_tokens") - hits
+    assert cached == (first["usage"]["prompt_tokens"] - 1) // 16 * 16 > 0
+    assert second["choices"] == first["choices"]
+    # streamed, the last event's usage says the same
+    completion = {"model": "tgi", "prompt": "Once more: " + SYSTEM, "max_tokens": 4}
+    httpx.post(f"{url}/v1/completions", json=completion, timeout=120)
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+            **completion, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]
+    usage = events[-1]["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == (usage["prompt_tokens"] - 1) // 16 * 16

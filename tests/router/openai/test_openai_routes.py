@@ -55,7 +55,8 @@ async def test_chat_completion(router, tokenizer):
         "finish_reason": "stop" if tokens[-1] == EOS_TOKEN_ID else "length",
     }]
     assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
-                             "total_tokens": len(prompt) + len(tokens)}
+                             "total_tokens": len(prompt) + len(tokens),
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     # The templated prompt reached the shard as is: no extra special tokens.
     assert list(router.fake.valid_requests[0].input_ids) == prompt
     assert router.fake.valid_requests[0].sampling.do_sample is False
