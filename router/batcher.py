@@ -305,6 +305,9 @@ class Batcher:
         """Fail `request_ids` and drop `batch_ids` from the shards (None: every batch)."""
         logger.error("generation failed for %d requests: %s", len(request_ids), error)
         self.healthy = False
+        # NOTE: a shard that failed may have restarted with an empty KV cache (the router
+        # outlives it when run on its own): no later request may start from its blocks.
+        self.allocator.forget_cached()
         for rid in request_ids:
             entry = self.running.get(rid)
             if entry is not None:

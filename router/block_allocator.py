@@ -132,6 +132,15 @@ class BlockAllocator:
             self._block_of[key] = block_id
             self._key_of[block_id] = key
 
+    def forget_cached(self) -> None:
+        """Drop every cached prefix: unreferenced cached blocks become free, referenced ones
+        plain (after a shard failure, when the shards' KV may be gone)."""
+        for block_id in self._evictable:
+            heapq.heappush(self._free_block_ids, block_id)
+        self._evictable.clear()
+        self._block_of.clear()
+        self._key_of.clear()
+
     def free(self, block_ids: Iterable[int]) -> None:
         """Release one reference to each block; freeing a block that is not in use raises.
 

@@ -747,3 +747,21 @@ async def test_requests_arriving_together_with_one_prompt_compute_it_once(make_s
     assert [c[2] for c in prefills] == [(1,), (2, 3)]
     assert [server.fake.requests[rid].cache_len for rid in (1, 2, 3)] == [0, 8, 8]
     await server.check_done()
+
+
+async def test_a_shard_failure_forgets_the_prefix_cache(make_server, tokenizer):
+    server = make_server(prefix_caching=True)
+    assert_generation(tokenizer, await server.submit(request(P1, max_new_tokens=3, prompt_len=9)),
+                      P1, 3)
+    assert server.allocator.num_cached_blocks == 2  # 9 + 3 tokens, k/v for 11
+    server.fake.fail_next("decode")
+    with pytest.raises(InferError):
+        await server.submit(request(P2, max_new_tokens=4, prompt_len=9))
+    await server.check_done()
+    # the next request with the first one's prompt computes it again
+    assert server.allocator.num_cached_blocks == 0
+    assert_generation(tokenizer, await server.submit(request(P1, max_new_tokens=3, prompt_len=9)),
+                      P1, 3)
+    (rid,) = server.fake.calls_of("prefill")[-1][2]
+    assert server.fake.requests[rid].cache_len == 0
+    await server.check_done()

@@ -204,3 +204,18 @@ def test_check_integrity_detects_an_unreferenced_block_without_a_key():
     allocator._evictable[allocator.allocate(2)[0]] = None
     with pytest.raises(RuntimeError):
         allocator.check_integrity()
+
+
+def test_forget_cached_frees_unreferenced_blocks_and_unshares_the_rest():
+    allocator = BlockAllocator(num_blocks=4, block_size=2)
+    keys = allocator.block_keys([1, 2, 3, 4], 4)
+    kept, released = allocator.allocate(2), allocator.allocate(2)
+    allocator.cache(kept, keys[:1])
+    allocator.cache(released, allocator.block_keys([5, 6], 2))
+    allocator.free(released)
+    allocator.forget_cached()
+    allocator.check_integrity()
+    assert allocator.num_cached_blocks == 0 and allocator.match(keys) == 0
+    assert allocator.num_free_blocks == 3
+    allocator.free(kept)  # no longer cached: straight back to the free list
+    assert allocator.num_free_blocks == 4 and allocator.allocate(8) == [0, 1, 2, 3]
