@@ -217,6 +217,8 @@ class ServerSteps(NamedTuple):
     count: float  # ... and count
     drafted: float = 0.0  # tgi_speculation_draft_tokens (tgi-server --speculate)
     accepted: float = 0.0  # tgi_speculation_accepted_tokens
+    prompt_tokens: float = 0.0  # tgi_request_input_length sum
+    cached_tokens: float = 0.0  # tgi_prefix_cache_hit_tokens (tgi-server's prefix cache)
 
 
 def decode_steps(url: str) -> ServerSteps | None:
@@ -231,10 +233,14 @@ def decode_steps(url: str) -> ServerSteps | None:
 
 def parse_decode_steps(text: str) -> ServerSteps | None:
     total = count = None
-    speculation = {"tgi_speculation_draft_tokens": 0.0, "tgi_speculation_accepted_tokens": 0.0}
+    counters = {"tgi_speculation_draft_tokens": 0.0, "tgi_speculation_accepted_tokens": 0.0,
+                "tgi_request_input_length": 0.0, "tgi_prefix_cache_hit_tokens": 0.0}
     for family in text_string_to_metric_families(text):
-        if family.name in speculation:
-            speculation[family.name] = sum(sample.value for sample in family.samples)
+        if family.name in counters:
+            # a counter's value, or a histogram's sum (not its buckets, count or creation time)
+            counters[family.name] = sum(sample.value for sample in family.samples
+                                        if sample.name in (family.name, family.name + "_total",
+                                                           family.name + "_sum"))
         if family.name != "tgi_batch_forward_duration":
             continue
         for sample in family.samples:
@@ -245,7 +251,7 @@ def parse_decode_steps(text: str) -> ServerSteps | None:
                     count = sample.value
     if total is None or count is None:
         return None
-    return ServerSteps(total, count, *speculation.values())
+    return ServerSteps(total, count, *counters.values())
 
 
 def draft_acceptance(before: ServerSteps | None, after: ServerSteps | None) -> float:
@@ -255,12 +261,23 @@ def draft_acceptance(before: ServerSteps | None, after: ServerSteps | None) -> f
     return (after.accepted - before.accepted) / (after.drafted - before.drafted)
 
 
+def prompt_cache_share(before: ServerSteps | None, after: ServerSteps | None) -> float:
+    """Prompt tokens taken from the prefix cache over those received between two readings;
+    NaN when none was taken."""
+    if before is None or after is None or after.cached_tokens <= before.cached_tokens:
+        return math.nan
+    return ((after.cached_tokens - before.cached_tokens)
+            / (after.prompt_tokens - before.prompt_tokens))
+
+
 def server_fields(before: ServerSteps | None, url: str) -> dict[str, float]:
     """The `LoadResult` fields read from the server's /metrics over a load that began at
-    `before` (its `decode_steps` then): the mean decode step and the share of drafts accepted."""
+    `before` (its `decode_steps` then): the mean decode step, the share of drafts accepted
+    and the share of prompt tokens from the prefix cache."""
     after = decode_steps(url)
     return {"server_step_ms": mean_step_ms(before, after),
-            "draft_acceptance": draft_acceptance(before, after)}
+            "draft_acceptance": draft_acceptance(before, after),
+            "prompt_cache_share": prompt_cache_share(before, after)}
 
 
 def mean_step_ms(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float:

@@ -159,16 +159,24 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
 
 
 def draft_acceptance(results: list[LoadResult]) -> list[str]:
-    """The share of drafts tgi-server accepted in each load where it speculated (its /metrics)."""
+    """The share of drafts tgi-server accepted in each load where it speculated (its /metrics),
+    and of its prompt tokens taken from its prefix cache where it took any."""
+    return (_shares(results, "draft_acceptance", "drafts accepted (tgi-server --speculate):")
+            + _shares(results, "prompt_cache_share",
+                      "prompt tokens from the prefix cache (tgi-server):"))
+
+
+def _shares(results: list[LoadResult], field: str, title: str) -> list[str]:
     multi_round = num_rounds(results) > 1
     lines = []
     for r in results:
-        if math.isnan(r.draft_acceptance):
+        value = getattr(r, field)
+        if math.isnan(value):
             continue
         name = r.load if r.dtype == "-" else f"{r.dtype} {r.load}"
         name += f" (round {r.round + 1})" if multi_round else ""
-        lines.append(f"- {name}: {100 * r.draft_acceptance:.0f}%")
-    return ["drafts accepted (tgi-server --speculate):", *lines] if lines else []
+        lines.append(f"- {name}: {100 * value:.0f}%")
+    return [title, *lines] if lines else []
 
 
 def write_plot(results: list[LoadResult], path: Path, title: str) -> str:

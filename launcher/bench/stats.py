@@ -54,6 +54,8 @@ class LoadResult:
     server_step_ms: float = math.nan
     # tgi-server with --speculate: accepted drafts over drafts verified during the load.
     draft_acceptance: float = math.nan
+    # tgi-server: prompt tokens from its prefix cache over prompt tokens, during the load.
+    prompt_cache_share: float = math.nan
     # Which pass over the systems this load belongs to (`make bench --rounds`), from 0:
     # ratios pair systems within a round.
     round: int = 0

@@ -164,7 +164,7 @@ def test_decode_steps_are_read_from_the_routers_metrics():
         metrics.batch_forward_duration.labels("decode").observe(seconds)
     metrics.batch_forward_duration.labels("prefill").observe(1.0)
     after = loadgen.parse_decode_steps(metrics.render().decode())
-    assert after == (pytest.approx(0.050), 2, 0, 0)
+    assert after == (pytest.approx(0.050), 2, 0, 0, 0, 0)
     assert math.isnan(loadgen.draft_acceptance(before, after))  # no speculation
     metrics.speculation_draft_tokens.inc(8)
     metrics.speculation_accepted_tokens.inc(3)
@@ -178,6 +178,15 @@ def test_decode_steps_are_read_from_the_routers_metrics():
     assert report.router_overhead([drafting_load], []) == []
     assert report.router_overhead([replace(drafting_load, draft_acceptance=math.nan)], [])
     assert loadgen.mean_step_ms((0.010, 1), after) == pytest.approx(40.0)
+    # the prefix cache's share of the prompt tokens received
+    assert math.isnan(loadgen.prompt_cache_share(after, drafting))  # none taken
+    for length in (100, 60):
+        metrics.request_input_length.observe(length)
+    metrics.prefix_cache_hit_tokens.inc(48)
+    caching = loadgen.parse_decode_steps(metrics.render().decode())
+    assert loadgen.prompt_cache_share(drafting, caching) == pytest.approx(48 / 160)
+    assert report.draft_acceptance([replace(drafting_load, prompt_cache_share=0.3)])[2:] == [
+        "prompt tokens from the prefix cache (tgi-server):", "- float32 c=1: 30%"]
     assert math.isnan(loadgen.mean_step_ms(after, after))  # no step in between
     assert math.isnan(loadgen.mean_step_ms(before, after))  # a server without the metric
 
