@@ -146,6 +146,13 @@ def tgi_launch(
              "request whose prompt starts the same way (a system prompt, a chat's earlier "
              "turns) prefills only the rest. Off: `--no-prefix-caching`, or TGI's `PREFIX_CACHING=0`.",
     )] = True,
+    prefill_chunking: Annotated[bool, _opt(
+        "--prefill-chunking/--no-prefill-chunking", env="PREFILL_CHUNKING",
+        help="A prompt longer than what is left of --max-batch-prefill-tokens is prefilled in "
+             "chunks, decode steps of the running requests between them, so "
+             "--max-batch-prefill-tokens bounds how long they wait and may be below "
+             "--max-input-tokens. Off: `--no-prefill-chunking`, or TGI's `PREFILL_CHUNKING=0`.",
+    )] = True,
     speculate: Annotated[int | None, _opt(
         "--speculate", env="SPECULATE",
         help="Draft tokens to verify per request and decode step, copied from what followed "

@@ -64,6 +64,7 @@ class LaunchConfig:
     enable_prefill_logprobs: bool = False
     disable_lookahead: bool = False
     prefix_caching: bool = True
+    prefill_chunking: bool = True
     # N-gram speculation: draft tokens per request and step (TGI's `--speculate`); None: none.
     speculate: int | None = None
     # TGI's rope override (replaces the config's rope scaling): linear or dynamic, and a factor.
@@ -189,7 +190,7 @@ _SHARED_ROUTER_FIELDS = (
     "max_input_tokens", "max_total_tokens", "max_client_batch_size", "payload_limit",
     "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
     "max_waiting_tokens", "waiting_served_ratio", "enable_prefill_logprobs", "disable_lookahead",
-    "prefix_caching",
+    "prefix_caching", "prefill_chunking",
     "api_key", "served_model_name", "validation_workers", "prometheus_port", "cors_allow_origin",
     "otlp_endpoint", "otlp_service_name",
 )
@@ -252,7 +253,8 @@ def _problems(c: LaunchConfig) -> list[str]:
         checks.append((inp < total, "`max_input_tokens` must be < `max_total_tokens`"))
     if inp is not None and prefill is not None:
         checks.append((
-            prefill >= inp, "`max_batch_prefill_tokens` must be >= `max_input_tokens`"
+            prefill >= inp or c.prefill_chunking,
+            "`max_batch_prefill_tokens` must be >= `max_input_tokens` (or prefill chunking on)"
         ))
     if prefill is not None and c.max_batch_total_tokens is not None:
         checks.append((

@@ -67,6 +67,10 @@ class RouterState:
             self.validation_pool, functools.partial(fn, *args, **kwargs))
 
 
+def chunking(config: RouterConfig, info: ShardInfo) -> bool:
+    return config.prefill_chunking and info.support_chunking
+
+
 def resolve_limits(config: RouterConfig, info: ShardInfo) -> Limits:
     """TGI's rules: total defaults to the model's context, input to total - 1."""
     max_total = config.max_total_tokens or info.max_position_embeddings
@@ -77,7 +81,7 @@ def resolve_limits(config: RouterConfig, info: ShardInfo) -> Limits:
         logger.warning("--max-total-tokens %d exceeds the model's max_position_embeddings %d",
                        max_total, info.max_position_embeddings)
     max_prefill = config.max_batch_prefill_tokens or max(max_input, DEFAULT_MAX_BATCH_PREFILL_TOKENS)
-    if max_prefill < max_input:
+    if max_prefill < max_input and not chunking(config, info):
         raise StartupError(
             f"--max-batch-prefill-tokens ({max_prefill}) must be >= --max-input-tokens ({max_input})"
         )
@@ -113,7 +117,8 @@ async def build_state(config: RouterConfig, client: ShardedClient, tokenizer=Non
     metrics = Metrics()
     allocator = BlockAllocator(num_blocks, info.block_size)
     queue = Queue(allocator, prefix_caching=config.prefix_caching and info.use_prefix_caching,
-                  prefill_logprobs=config.enable_prefill_logprobs)
+                  prefill_logprobs=config.enable_prefill_logprobs,
+                  chunking=chunking(config, info))
     max_batch_total_tokens = num_blocks * info.block_size
     metrics.batch_max_total_tokens.set(max_batch_total_tokens)
     batching = BatchingConfig(
@@ -129,7 +134,8 @@ async def build_state(config: RouterConfig, client: ShardedClient, tokenizer=Non
     return RouterState(
         config=config, client=client, info=info, tokenizer=tokenizer, limits=limits,
         max_batch_total_tokens=max_batch_total_tokens,
-        validator=Validator(config, tokenizer, limits.max_input_tokens, limits.max_total_tokens),
+        validator=Validator(config, tokenizer, limits.max_input_tokens, limits.max_total_tokens,
+                            max_prefill_tokens=limits.max_batch_prefill_tokens),
         batcher=batcher,
         infer=Infer(queue, batcher, metrics, config.max_concurrent_requests),
         metrics=metrics,

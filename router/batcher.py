@@ -121,7 +121,9 @@ class Batcher:
             return None
         cfg = self.config
         size = cached.size
-        min_size = None if waiting_steps >= cfg.max_waiting_tokens else math.floor(size * cfg.waiting_served_ratio)
+        # NOTE: a chunked prefill goes on at every step, as TGI's chunking ignores the ratio.
+        forced = waiting_steps >= cfg.max_waiting_tokens or self.queue.front_is_chunked()
+        min_size = None if forced else math.floor(size * cfg.waiting_served_ratio)
         max_size = None if cfg.max_batch_size is None else cfg.max_batch_size - size
         if max_size is not None and max_size <= 0:
             return None
@@ -142,15 +144,16 @@ class Batcher:
         now = time.monotonic()
         for entry in entries:
             self.running[entry.id] = entry
-            entry.sink.started_at = now
-            self.metrics.request_queue_duration.observe(now - entry.queued_at)
-            entry.sink.text = self._text_state(entry)
+            if entry.sink.text is None:  # its first prefill (or chunk)
+                entry.sink.started_at = now
+                self.metrics.request_queue_duration.observe(now - entry.queued_at)
+                entry.sink.text = self._text_state(entry)
+                if entry.cache_hit:
+                    self.metrics.prefix_cache_hit_tokens.inc(entry.cache_hit)
         self.metrics.batch_next_size.observe(len(entries))
-        cached_tokens = sum(e.cache_len for e in entries)
-        if cached_tokens:
-            self.metrics.prefix_cache_hit_tokens.inc(cached_tokens)
         requests = [
             BatchRequest(e.id, e.request, e.block_ids, cache_len=e.cache_len,
+                         chunk_len=e.chunk_len,
                          # NOTE: as in TGI, prompt logprobs cost a full-vocab projection per
                          # prompt token, so they are computed only with --enable-prefill-logprobs.
                          prefill_logprobs=(e.request.decoder_input_details
@@ -162,8 +165,20 @@ class Batcher:
                                   [e.id for e in entries], [batch_id])
         for entry in entries:
             # NOTE: requests that finished or failed meanwhile have left (their blocks too).
-            if entry.prompt_keys and entry.id in self.running:
-                self.allocator.cache(entry.block_ids, entry.prompt_keys)
+            if entry.id not in self.running:
+                continue
+            computed = entry.request.num_prompt_tokens
+            if entry.chunk_len:
+                # the rest of its prompt goes in the next prefill, which it leads
+                del self.running[entry.id]
+                entry.cache_len += entry.chunk_len
+                entry.chunk_len = 0
+                computed = entry.cache_len
+                self.queue.push_front(entry)
+                self.metrics.batch_concat.inc(reason="chunking")
+            if entry.prompt_keys:
+                self.allocator.cache(entry.block_ids,
+                                     entry.prompt_keys[:computed // self.allocator.block_size])
         return cached
 
     async def _decode(self, batches: list[CachedBatch], lookahead: bool) -> CachedBatch | None:
@@ -270,7 +285,7 @@ class Batcher:
         if finish is not None:
             event.generated_text = self.tokenizer.decode(state.generated_ids, skip_special_tokens=True)
             event.queued_at, event.started_at = entry.queued_at, state.started_at
-            event.cached_tokens = entry.cache_len
+            event.cached_tokens = entry.cache_hit
             self._release(entry)
         state.events.put_nowait(event)
 
@@ -329,10 +344,12 @@ class Batcher:
         self.metrics.kv_blocks_cached.set(self.allocator.num_cached_blocks)
 
     def _check_idle(self) -> None:
-        """With nothing running, every block must be free again."""
+        """With nothing running, every block must be free again, but those of a request
+        between the chunks of its prefill."""
         if not self.running:
             self.allocator.check_integrity()
-            if self.allocator.num_free_blocks != self.allocator.num_blocks:
+            held = len(self.queue.held_blocks())
+            if self.allocator.num_free_blocks + held != self.allocator.num_blocks:
                 logger.error("KV block leak: %d of %d blocks free while idle",
                              self.allocator.num_free_blocks, self.allocator.num_blocks)
 

@@ -79,6 +79,8 @@ class ShardInfo:
     world_size: int
     # The shards start a prefill at `Request.cache_len` (prefix caching).
     use_prefix_caching: bool = False
+    # The shards stop a prefill at `Request.chunk_len` (chunked prefill).
+    support_chunking: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +90,10 @@ class BatchRequest:
     id: int
     request: ValidRequest
     block_ids: list[int]
-    # Prompt tokens whose k/v are already in the first blocks (prefix caching).
+    # Prompt tokens whose k/v are already in the first blocks (prefix caching, earlier chunks).
     cache_len: int = 0
+    # The prompt tokens after cache_len this prefill computes (0: all the rest).
+    chunk_len: int = 0
     prefill_logprobs: bool = False
 
 
@@ -111,6 +115,7 @@ def request_to_pb(r: BatchRequest) -> pb.Request:
         top_n_tokens=r.request.top_n_tokens,
         block_ids=r.block_ids,
         cache_len=r.cache_len,
+        chunk_len=r.chunk_len,
     )
 
 
@@ -228,7 +233,8 @@ class ShardedClient:
         r = responses[0]
         return ShardInfo(r.model_id, r.model_type, r.dtype, r.device_type, r.block_size,
                          r.vocab_size, r.max_position_embeddings, tuple(r.eos_token_ids),
-                         r.world_size, all(s.use_prefix_caching for s in responses))
+                         r.world_size, all(s.use_prefix_caching for s in responses),
+                         all(s.support_chunking for s in responses))
 
     async def health(self, timeout: float = 5.0) -> None:
         await self._all("Health", pb.HealthRequest(), timeout)

@@ -36,6 +36,10 @@ class RouterConfig:
     # Start prefills from the cached k/v of the prompt's prefix (block_allocator.py), where the
     # shards support it.
     prefix_caching: bool = True
+    # Prefill a prompt longer than the prefill budget left in chunks, between decode steps
+    # (queue.py), where the shards support it; --max-batch-prefill-tokens may then be below
+    # --max-input-tokens.
+    prefill_chunking: bool = True
     api_key: str | None = None
     # OpenAI API: a Jinja chat template file overriding the tokenizer's, and the model names
     # clients may ask for (default: the model id; "tgi" is always accepted too).

@@ -41,11 +41,15 @@ class Validator:
         max_total_tokens: int,
         *,
         rng: random.Random | None = None,
+        max_prefill_tokens: int | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.max_input_tokens = max_input_tokens
         self.max_total_tokens = max_total_tokens
+        # The longest prompt one prefill takes (with chunked prefill, shorter than the longest
+        # input): a prompt's logprobs need all of it in one.
+        self.max_prefill_tokens = max_prefill_tokens or max_input_tokens
         self._rng = rng or random.Random()
         # NOTE: routes call `validate` from worker threads; a HF fast tokenizer may mutate
         # its Rust state (truncation/padding) inside `encode`, which is not thread safe.
@@ -76,6 +80,12 @@ class Validator:
             raise ValidationError("`inputs` cannot be empty")
         truncate = self._truncate(p)
         inputs, input_ids = self._tokenize(inputs, truncate, add_special_tokens)
+        if (p.decoder_input_details and self.config.enable_prefill_logprobs
+                and len(input_ids) > self.max_prefill_tokens):
+            raise ValidationError(
+                f"`decoder_input_details` needs the prompt in one prefill: at most "
+                f"{self.max_prefill_tokens} tokens (`--max-batch-prefill-tokens`). Given: "
+                f"{len(input_ids)} tokens.")
         max_new_tokens = self._max_new_tokens(len(input_ids), p.max_new_tokens)
         return ValidRequest(
             inputs=inputs,

@@ -36,12 +36,17 @@ class Batch:
     drafters: list[NgramDrafter | None]
     # Requests that finished on the shard (length / eos), waiting for the router's FilterBatch.
     finished: set[int] = field(default_factory=set)
+    # Requests of a Prefill whose chunk (`Request.chunk_len`) ends before their prompt does.
+    chunked: set[int] = field(default_factory=set)
 
     @classmethod
     def from_pb(cls, batch: pb.Batch, vocab_size: int, device: torch.device) -> "Batch":
+        """The batch of a Prefill; a request whose `chunk_len` stops short of its prompt's end
+        holds the prompt up to there (`chunked` says which: its token is not one to keep)."""
         requests = list(batch.requests)
         params = [sampling_params_from_pb(r.sampling) for r in requests]
-        prompts = [list(r.input_ids) for r in requests]
+        prompts = [list(r.input_ids[:r.cache_len + r.chunk_len] if r.chunk_len else r.input_ids)
+                   for r in requests]
         return cls(
             batch_id=batch.id,
             request_ids=[r.id for r in requests],
@@ -55,6 +60,7 @@ class Batch:
             prefill_logprobs=[r.prefill_logprobs for r in requests],
             sampler=Sampler.build(params, prompts, vocab_size, device),
             drafters=[NgramDrafter() for _ in params],
+            chunked={r.id for r, p in zip(requests, prompts) if len(p) < len(r.input_ids)},
         )
 
     def __len__(self) -> int:

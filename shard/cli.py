@@ -137,8 +137,10 @@ def build_service(config: ShardConfig) -> TextGenerationService:
         attention_impl="paged",
         world_size=config.world_size,
         speculate=config.speculate,
-        # Prefills start at Request.cache_len (model_runner.prepare_prefill).
+        # Prefills start at Request.cache_len (model_runner.prepare_prefill) and stop at its
+        # chunk_len (batch.py).
         use_prefix_caching=True,
+        support_chunking=True,
     )
     # NOTE: ranks may run on other machines with their own socket paths, so each one tells the
     # others where it serves; rank 0's ServiceDiscovery hands the list to a router (as TGI).

@@ -134,7 +134,13 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         start = time.perf_counter_ns()
         batch = Batch.from_pb(request.batch, self.runner.vocab_size, self.runner.device)
         outputs, forward_ns = await self._step(self.runner.prefill, batch)
-        return self._respond(self._keep(batch), outputs, start, forward_ns)
+        if batch.chunked:
+            # NOTE: their k/v is in the cache now; the token sampled after a chunk is no
+            # generation, and the router sends the rest of the prompt in a later Prefill.
+            outputs = [o for o in outputs if o.request_id not in batch.chunked]
+            batch = batch.filter([rid for rid in batch.request_ids if rid not in batch.chunked])
+        return self._respond(self._keep(batch) if len(batch) else None, outputs, start,
+                             forward_ns)
 
     async def Decode(self, request, context):
         return await self._decode(request, context)

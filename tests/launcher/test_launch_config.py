@@ -76,6 +76,7 @@ def test_router_defaults_are_launch_defaults():
     ({"CUDA_GRAPHS": "0"}, "cuda_graphs", "0"),
     ({"PREFIX_CACHING": "0"}, "prefix_caching", False),
     ({"PREFIX_CACHING": "1"}, "prefix_caching", True),
+    ({"PREFILL_CHUNKING": "0"}, "prefill_chunking", False),
 ])
 def test_env_vars(monkeypatch, env, field, expected):
     for name, value in env.items():
@@ -101,6 +102,9 @@ def test_flag_beats_env(monkeypatch):
     (["--enable-prefill-logprobs"], "enable_prefill_logprobs", True),
     (["--disable-lookahead"], "disable_lookahead", True),
     (["--no-prefix-caching"], "prefix_caching", False),
+    (["--no-prefill-chunking"], "prefill_chunking", False),
+    (["--max-input-tokens", "10", "--max-batch-prefill-tokens", "5"], "max_batch_prefill_tokens",
+     5),
     (["--speculate", "3"], "speculate", 3),
     (["--shard-command", "python fake.py --x 'a b'"], "shard_command",
      ("python", "fake.py", "--x", "a b")),
@@ -111,7 +115,8 @@ def test_aliases_and_flags(argv, field, expected):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--max-input-tokens", "10", "--max-total-tokens", "10"], "must be < `max_total_tokens`"),
-    (["--max-input-tokens", "10", "--max-batch-prefill-tokens", "5"], "must be >= `max_input"),
+    (["--max-input-tokens", "10", "--max-batch-prefill-tokens", "5", "--no-prefill-chunking"],
+     "must be >= `max_input"),
     (["--num-shard", "0"], "num_shard"),
     (["--dtype", "float8"], "dtype"),
     (["--memory-fraction", "1.5"], "memory_fraction"),

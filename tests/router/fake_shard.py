@@ -64,6 +64,8 @@ class FakeRequest:
     prefill_logprobs: bool
     # Prompt tokens in the prefix cache: their blocks, first in `block_ids`, are shared.
     cache_len: int = 0
+    # Chunked prefill: the prompt tokens after cache_len this prefill computes (0: the rest).
+    chunk_len: int = 0
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
 
@@ -109,6 +111,8 @@ class FakeShardClient:
         self.batches: dict[int, FakeBatch] = {}
         # Every request ever prefilled, by id (kept after it leaves its batch).
         self.requests: dict[int, FakeRequest] = {}
+        # request id -> (cache_len, chunk_len) of each chunk of its prefill before the last
+        self.chunks: dict[int, list[tuple[int, int]]] = {}
         self.calls: list[tuple] = []
         self.violations: list[str] = []
         self.num_steps = 0
@@ -139,10 +143,18 @@ class FakeShardClient:
             self._violation(f"Prefill of batch {batch_id}, already cached")
         new = [self._new_request(r) for r in requests]
         self._check_blocks(new)
-        batch = FakeBatch(batch_id, new)
+        self._check_chunks(new)
+        # As the real shard: a chunk that stops short of its prompt's end yields no token and
+        # leaves no request behind; the router sends the rest later.
+        chunked = [r for r in new if r.chunk_len and r.cache_len + r.chunk_len < len(r.input_ids)]
+        for r in chunked:
+            self.chunks.setdefault(r.id, []).append((r.cache_len, r.chunk_len))
+        new = [r for r in new if r not in chunked]
         for r in new:
             self.requests[r.id] = r
-        return self._generate(batch, prefill=True)
+        if not new:
+            return StepResult([], None, forward_ns=1000)
+        return self._generate(FakeBatch(batch_id, new), prefill=True)
 
     async def decode(self, batches: list[CachedBatch], lookahead: bool = False):
         self.calls.append(("decode", tuple((b.id, b.request_ids) for b in batches)))
@@ -233,7 +245,7 @@ class FakeShardClient:
             max_new_tokens=r.request.stopping.max_new_tokens,
             ignore_eos=r.request.stopping.ignore_eos_token,
             top_n_tokens=r.request.top_n_tokens, prefill_logprobs=r.prefill_logprobs,
-            cache_len=r.cache_len,
+            cache_len=r.cache_len, chunk_len=r.chunk_len,
         )
 
     def _check_blocks(self, new: list[FakeRequest]) -> None:
@@ -257,6 +269,18 @@ class FakeShardClient:
                 if block in in_use and not (shared and in_use[block][1] == i):
                     self._violation(f"request {r.id}: block {block} in use by {in_use[block][0]}")
                 in_use.setdefault(block, (r.id, i))
+
+    def _check_chunks(self, new: list[FakeRequest]) -> None:
+        """A request's prefill chunks follow each other, block-aligned, over the same blocks."""
+        for r in new:
+            earlier = self.chunks.get(r.id, [])
+            if earlier:
+                cache_len, chunk_len = earlier[-1]
+                if r.cache_len != cache_len + chunk_len:
+                    self._violation(f"request {r.id}: chunk at {r.cache_len} after one of "
+                                    f"{chunk_len} at {cache_len}")
+            if r.chunk_len % self.block_size:
+                self._violation(f"request {r.id}: a chunk of {r.chunk_len} tokens")
 
     def _generate(self, batch: FakeBatch, prefill: bool):
         generations = []

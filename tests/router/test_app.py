@@ -439,3 +439,19 @@ async def test_metrics(router):
     assert (moved("tgi_request_skipped_tokens_count"), moved("tgi_request_skipped_tokens_sum")) == (6, 0)
     assert metric(after, "tgi_batch_current_size") == 0
     assert metric(after, "tgi_queue_size") == 0
+
+
+def test_a_prefill_budget_below_the_input_limit_needs_chunking():
+    from tgi_server.router.app import StartupError, resolve_limits
+    from tgi_server.router.client import ShardInfo
+    from tgi_server.router.config import RouterConfig
+
+    config = RouterConfig(tokenizer="t", shard_urls=("u",), max_input_tokens=100,
+                          max_total_tokens=200, max_batch_prefill_tokens=32)
+    info = ShardInfo("m", "llama", "float32", "cpu", 16, 512, 4096, (2,), 1,
+                     use_prefix_caching=True, support_chunking=True)
+    assert resolve_limits(config, info).max_batch_prefill_tokens == 32
+    with pytest.raises(StartupError, match="must be >= --max-input-tokens"):
+        resolve_limits(replace(config, prefill_chunking=False), info)
+    with pytest.raises(StartupError):  # shards that cannot stop a prefill early
+        resolve_limits(config, replace(info, support_chunking=False))

@@ -55,10 +55,10 @@ class Server:
 
     def __init__(self, tokenizer, fake: FakeShardClient, num_blocks: int = 64,
                  max_batch_total_tokens: int | None = None, prefix_caching: bool = False,
-                 **batching):
+                 chunking: bool = False, **batching):
         self.fake = fake
         self.allocator = BlockAllocator(num_blocks, fake.block_size)
-        self.queue = Queue(self.allocator, prefix_caching=prefix_caching)
+        self.queue = Queue(self.allocator, prefix_caching=prefix_caching, chunking=chunking)
         self.metrics = Metrics()
         self.config = BatchingConfig(**{
             "max_batch_prefill_tokens": 4096,
@@ -764,4 +764,63 @@ async def test_a_shard_failure_forgets_the_prefix_cache(make_server, tokenizer):
                       P1, 3)
     (rid,) = server.fake.calls_of("prefill")[-1][2]
     assert server.fake.requests[rid].cache_len == 0
+    await server.check_done()
+
+
+# ---- chunked prefill ---------------------------------------------------------------------
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(make_server, tokenizer):
+    server = make_server(chunking=True, max_batch_prefill_tokens=8)
+    joining: list[asyncio.Task] = []
+
+    async def arrive() -> None:
+        joining.extend(await server.submit_queued(request(P2, max_new_tokens=3, prompt_len=19)))
+
+    at_step(server.fake, 1, arrive)
+    running = server.submit(request(P1, max_new_tokens=8))
+    await until(lambda: joining, "arrival")
+    assert_generation(tokenizer, await joining[0], P2, 3)
+    assert_generation(tokenizer, await running, P1, 8)
+    # 19 tokens in chunks of 8, 8, then the last 3 with the first token; the running request
+    # decodes a step between each (lookahead collects its step alone before the join)
+    assert server.fake.chunks == {2: [(0, 8), (8, 8)]}
+    calls = [c for c in server.fake.calls if c[0] in ("prefill", "decode")]
+    prefills = [i for i, c in enumerate(calls) if c[0] == "prefill" and c[2] == (2,)]
+    assert len(prefills) == 3
+    assert all(calls[i + 1][0] == "decode" for i in prefills[:-1])
+    assert server.fake.requests[2].cache_len == 16 and server.fake.requests[2].chunk_len == 0
+    await server.check_done()
+
+
+async def test_a_request_cancelled_between_chunks_frees_its_blocks(make_server, tokenizer):
+    server = make_server(chunking=True, max_batch_prefill_tokens=8, start=False)
+    (task,) = await server.submit_queued(request(P1, max_new_tokens=3, prompt_len=30))
+
+    async def cancel() -> None:
+        task.cancel()
+
+    at_step(server.fake, 1, cancel)  # during its second chunk
+    server.start()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await server.settle()
+    assert server.fake.chunks == {1: [(0, 8), (8, 8)]} and 1 not in server.fake.requests
+    assert server.allocator.num_free_blocks == server.allocator.num_blocks
+    assert server.metrics.request_failure.value(err="dropped") == 1
+    # the server goes on
+    assert_generation(tokenizer, await server.submit(request(P2, max_new_tokens=3)), P2, 3)
+    await server.check_done()
+
+
+async def test_chunks_of_a_cached_prefix_continue_from_it(make_server, tokenizer):
+    server = make_server(chunking=True, prefix_caching=True, max_batch_prefill_tokens=8)
+    first = request(P1, max_new_tokens=2, prompt_len=26)
+    assert_generation(tokenizer, await server.submit(first), P1, 2)
+    assert server.fake.chunks[1] == [(0, 8), (8, 8), (16, 8)]
+    # its blocks were cached chunk by chunk: the same prompt again is one prefill of its tail
+    again = dataclasses.replace(request(P1, max_new_tokens=2, prompt_len=26),
+                                input_ids=first.input_ids)
+    assert_generation(tokenizer, await server.submit(again), P1, 2)
+    assert 2 not in server.fake.chunks and server.fake.requests[2].cache_len == 24
     await server.check_done()

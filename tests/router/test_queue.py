@@ -264,3 +264,59 @@ def test_a_prompt_continuing_one_of_the_batch_waits_for_the_next_prefill():
     queue.append(prompt_entry(4, system + [5, 6]))
     queue.append(prompt_entry(5, system + [7, 8]))
     assert [e.cache_len for e in queue.next_batch(None, None, 1000, 1000)] == [12, 12]
+
+
+# ---- chunked prefill ---------------------------------------------------------------------
+
+
+def test_a_prompt_over_the_prefill_budget_left_is_cut_at_a_block_and_ends_the_batch():
+    queue = Queue(BlockAllocator(64, 4), chunking=True)
+    for entry_id, n in enumerate((6, 30, 5)):
+        queue.append(prompt_entry(entry_id, list(range(n))))
+    # budget 16: 6 tokens, then 10 of the next one's 30 rounded down to 8, and no more
+    first, second = queue.next_batch(None, None, 16, 1000)
+    assert (first.chunk_len, second.cache_len, second.chunk_len) == (0, 0, 8)
+    assert front_ids(queue) == [2]
+    # the batcher puts it back after its chunk; it leads the next batch with its blocks
+    blocks = second.block_ids
+    second.cache_len, second.chunk_len = 8, 0
+    queue.push_front(second)
+    assert queue.front_is_chunked() and queue.held_blocks() == set(blocks)
+    again, = queue.next_batch(None, None, 16, 1000)
+    assert again is second and again.block_ids == blocks
+    assert (again.cache_len, again.chunk_len) == (8, 16)
+    again.cache_len, again.chunk_len = 24, 0
+    queue.push_front(again)
+    # the last 6 tokens fit, beside the next entry
+    last, third = queue.next_batch(None, None, 16, 1000)
+    assert last is second and (last.cache_len, last.chunk_len, third.chunk_len) == (24, 0, 0)
+
+
+def test_no_chunks_without_chunking_or_for_prompt_logprobs():
+    queue = Queue(BlockAllocator(64, 4))
+    queue.append(prompt_entry(0, list(range(6))))
+    queue.append(prompt_entry(1, list(range(30))))
+    assert ids(queue.next_batch(None, None, 16, 1000)) == [0]
+    queue = Queue(BlockAllocator(64, 4), chunking=True, prefill_logprobs=True)
+    queue.append(prompt_entry(0, list(range(6))))
+    queue.append(prompt_entry(1, list(range(12)), decoder_input_details=True))
+    assert ids(queue.next_batch(None, None, 16, 1000)) == [0]
+    assert ids(queue.next_batch(None, None, 16, 1000)) == [1]
+
+
+def test_a_rolled_back_batch_keeps_the_blocks_of_a_request_between_chunks():
+    allocator = BlockAllocator(64, 4)
+    queue = Queue(allocator, chunking=True)
+    queue.append(prompt_entry(0, list(range(30))))
+    (entry,) = queue.next_batch(None, None, 8, 1000)
+    entry.cache_len, entry.chunk_len = 8, 0
+    queue.push_front(entry)
+    queue.append(prompt_entry(1, list(range(6))))
+    held = list(entry.block_ids)
+    assert queue.next_batch(3, None, 100, 1000) is None  # fewer than 3: rolled back
+    assert entry.block_ids == held and entry.cache_len == 8
+    assert allocator.num_free_blocks == 64 - len(held)
+    assert front_ids(queue) == [0, 1]
+    entry.cancelled = True
+    queue.remove_cancelled()
+    assert allocator.num_free_blocks == 64 and queue.num_dropped == 1

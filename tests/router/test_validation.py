@@ -344,3 +344,17 @@ def test_tokenizer_failure_is_a_validation_error():
         "validation",
         "tokenizer error NUL byte",
     )
+
+
+def test_prompt_logprobs_need_the_prompt_in_one_prefill(tokenizer):
+    """With chunked prefill a prompt may be longer than one prefill; its logprobs may not."""
+    config = dataclasses.replace(CONFIG, enable_prefill_logprobs=True)
+    validator = Validator(config, tokenizer, 10, MAX_TOTAL_TOKENS, max_prefill_tokens=5)
+    details = GenerateParameters(max_new_tokens=2, decoder_input_details=True)
+    with pytest.raises(ValidationError, match="at most 5 tokens .`--max-batch-prefill-tokens`."):
+        validator.validate(words(6), details, stream=False)
+    assert validator.validate(words(4), details, stream=False).num_prompt_tokens == 5
+    # without details, or without prompt logprobs, the input limit is the only one
+    assert validator.validate(words(8), GenerateParameters(max_new_tokens=2), stream=False)
+    plain = Validator(CONFIG, tokenizer, 10, MAX_TOTAL_TOKENS, max_prefill_tokens=5)
+    assert plain.validate(words(8), details, stream=False)

@@ -1,7 +1,7 @@
 """A prefill that starts after a cached prefix (`Request.cache_len`, blocks shared with an
-earlier request) gives the tokens and logprobs of the same prompt prefilled whole, for short
-tails (the fused decode layers) and long ones (the modules and the prefill kernel), alone or
-beside a fresh prompt in one batch."""
+earlier request) or after earlier chunks of its prompt (`Request.chunk_len`) gives the tokens
+and logprobs of the same prompt prefilled whole, for short tails (the fused decode layers)
+and long ones (the modules and the prefill kernel), alone or beside a fresh prompt."""
 
 import asyncio
 
@@ -32,11 +32,14 @@ def service(request, model_dir):
                                  pb.InfoResponse())
 
 
-def make_request(rid: int, prompt: list[int], blocks: list[int], cache_len: int = 0) -> pb.Request:
-    return pb.Request(id=rid, input_ids=prompt, sampling=pb.SamplingParameters(),
+def make_request(rid: int, prompt: list[int], blocks: list[int], cache_len: int = 0,
+                 chunk_len: int = 0, seed: int = 0) -> pb.Request:
+    sampling = (pb.SamplingParameters(do_sample=True, temperature=0.9, seed=seed) if seed
+                else pb.SamplingParameters())
+    return pb.Request(id=rid, input_ids=prompt, sampling=sampling,
                       stopping=pb.StoppingParameters(max_new_tokens=NEW_TOKENS,
                                                      ignore_eos_token=True),
-                      block_ids=blocks, cache_len=cache_len)
+                      block_ids=blocks, cache_len=cache_len, chunk_len=chunk_len)
 
 
 def generate(service, batch_id: int, *requests: pb.Request) -> dict[int, tuple[list, list]]:
@@ -71,6 +74,34 @@ def test_a_prefill_after_a_cached_prefix_equals_the_whole_prompts(service, tail)
     want = generate(service, 3, make_request(4, prompt, list(range(40, 52))),
                     make_request(5, other, list(range(60, 63))))
     for mine, theirs in ((2, 4), (3, 5)):
+        assert got[mine][0] == want[theirs][0]
+        torch.testing.assert_close(torch.tensor(got[mine][1]), torch.tensor(want[theirs][1]),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_prompt_prefilled_in_chunks_equals_it_prefilled_whole(service, seed):
+    """Chunks of 48 then 32 tokens (no token, no cached batch), then the rest beside another
+    request: the tokens and logprobs of one whole prefill, greedy or seeded sampling."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    prompt = torch.randint(3, 500, (100,), generator=generator).tolist()
+    other = torch.randint(3, 500, (20,), generator=generator).tolist()
+    blocks = list(range(100, 108))
+
+    async def chunks():
+        for cache_len, chunk_len in ((0, 48), (48, 32)):
+            batch = pb.Batch(id=10 + cache_len, requests=[
+                make_request(1, prompt, blocks, cache_len, chunk_len, seed)])
+            response = await service.Prefill(pb.PrefillRequest(batch=batch), None)
+            assert not response.generations and not response.HasField("batch")
+        assert not service.cache  # nothing kept for the chunked request
+
+    asyncio.run(chunks())
+    got = generate(service, 20, make_request(1, prompt, blocks, 80, seed=seed),
+                   make_request(2, other, list(range(110, 113)), seed=seed))
+    want = generate(service, 21, make_request(3, prompt, list(range(120, 128)), seed=seed),
+                    make_request(4, other, list(range(130, 133)), seed=seed))
+    for mine, theirs in ((1, 3), (2, 4)):
         assert got[mine][0] == want[theirs][0]
         torch.testing.assert_close(torch.tensor(got[mine][1]), torch.tensor(want[theirs][1]),
                                    atol=1e-4, rtol=1e-4)
