@@ -73,7 +73,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def quantiles_ms(values_s: list[float]) -> dict[str, float]:
-    return {f"p{q}": 1000 * percentile(values_s, q) for q in QUANTILES}
+    """p50 / p90 / p99 and the max (the longest stall, where a p99 can hide a few long ones)."""
+    return {**{f"p{q}": 1000 * percentile(values_s, q) for q in QUANTILES},
+            "max": 1000 * percentile(values_s, 100)}
 
 
 def summarize(system: str, dtype: str, load: str, label: str, timings: list[RequestTiming],

@@ -60,7 +60,7 @@ def _result(system: str, load: str, tok_s: float, dtype: str = "float32",
         num_errors=0, num_generated_tokens=256, num_requested_tokens=256, wall_s=10.0,
         output_tokens_per_s=tok_s, requests_per_s=0.2, concurrency=concurrency,
         ttft_ms={"p50": 12.345, "p90": 1234.5, "p99": math.nan},
-        itl_ms={"p50": 50.0, "p90": 60.0, "p99": 70.0}, e2e_ms={"p50": 6543.0},
+        itl_ms={"p50": 50.0, "p90": 60.0, "p99": 70.0, "max": 250.0}, e2e_ms={"p50": 6543.0},
         other_cpu_share=0.034,
     )
 
@@ -76,7 +76,8 @@ def test_format_table_rows_line_up_with_the_header():
     assert {line.count("|") for line in lines} == {lines[0].count("|")}
     assert set(lines[1]) == {"|", "-"}
     assert lines[2] == ("| tgi-server | float32 | c=1 label | 2 (0) | 256 (256) | 25.60 | 0.20 "
-                        "| 12.3 / 1234 / – | 50.0 / 60.0 / 70.0 | 6.54 / – / – | – | – | 3% |")
+                        "| 12.3 / 1234 / – | 50.0 / 60.0 / 70.0 / 250.0 | 6.54 / – / – | – | – "
+                        "| 3% |")
 
 
 def test_roof_shares_use_the_dtypes_peak_and_the_steps_per_second():
