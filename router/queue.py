@@ -47,10 +47,10 @@ class Queue:
     def __init__(self, allocator: BlockAllocator, prefix_caching: bool = False,
                  prefill_logprobs: bool = False, chunking: bool = False) -> None:
         self.allocator = allocator
-        # Prefix caching: a request starts from the cached blocks of its prompt's prefix,
-        # unless it asks for the prompt's logprobs (`prefill_logprobs`: the router computes
-        # them), which only a full prefill gives. So does chunking, which cuts the prompt
-        # that does not fit what is left of the prefill budget (`chunking`).
+        # Prefix caching: a request starts from the cached blocks of its prompt's prefix.
+        # Chunking: the prompt that does not fit what is left of the prefill budget is cut.
+        # Neither applies to a request for its prompt's logprobs (`decoder_input_details`
+        # where `prefill_logprobs`, i.e. --enable-prefill-logprobs): one whole prefill gives them.
         self.prefix_caching = prefix_caching
         self.prefill_logprobs = prefill_logprobs
         self.chunking = chunking
