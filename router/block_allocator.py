@@ -99,8 +99,8 @@ class BlockAllocator:
         blocks named by `cached` (keys `match` found), then fresh ones in ascending order."""
         shared = [self._block_of[key] for key in cached]
         num_fresh = self.num_blocks_for(num_tokens) - len(shared)
-        available = len(self._free_block_ids) + len(self._evictable)
-        available -= sum(1 for b in shared if b in self._evictable)
+        # the shared blocks nobody referenced yet are no longer free once taken
+        available = self.num_free_blocks - sum(1 for b in shared if b in self._evictable)
         if num_fresh > available:
             return None
         for block_id in shared:

@@ -20,6 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def reference(served):
+    """(tokenizer, transformers' float32 model) of the module's `served` (path, url) model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, _ = served
+    return (AutoTokenizer.from_pretrained(path),
+            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+
+
 @pytest.fixture(scope="session")
 def launch():
     """`launch(model, *flags)`: a context manager running `tgi-launch`, yielding its URL."""

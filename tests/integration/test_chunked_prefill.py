@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.integration.test_e2e import MAX_NEW_TOKENS, assert_same_or_near_tie, hf_greedy
+from tests.integration.test_e2e import MAX_NEW_TOKENS, assert_same_or_near_tie, hf_greedy, metric
 
 LONG = ("The quick brown fox jumps over the lazy dog while the careful assistant writes "
         "down every step of the proof, line by line, and checks each one twice. ") * 2
@@ -23,20 +23,8 @@ def served(model_dir, launch):
         yield path, url
 
 
-@pytest.fixture(scope="module")
-def reference(served):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path, _ = served
-    return (AutoTokenizer.from_pretrained(path),
-            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
-
-
 def chunks(url: str) -> float:
-    lines = httpx.get(f"{url}/metrics").text.splitlines()
-    return sum(float(line.split()[-1]) for line in lines
-               if line.startswith('tgi_batch_concat{reason="chunking"}'))
+    return metric(url, 'tgi_batch_concat{reason="chunking"}')
 
 
 def test_long_prompts_in_chunks_beside_running_requests_equal_transformers(served, reference):

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -34,14 +34,6 @@ def served(request, model_dir, launch):
         yield path, url
 
 
-@pytest.fixture(scope="module")
-def reference(served):
-    path, _ = served
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return tokenizer, model
-
-
 def hf_greedy(reference, prompt: str) -> list[int]:
     tokenizer, model = reference
     ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -65,6 +57,12 @@ def assert_same_or_near_tie(reference, prompt: str, expected: list[int], got: li
     gap = (logits[expected[step]] - logits[got[step]]).abs().item()
     assert gap < 1e-4 * max(1.0, logits.abs().max().item()), (
         f"divergence at step {step} is not a near-tie (gap {gap}): {expected} vs {got}")
+
+
+def metric(url: str, name: str) -> float:
+    """The value of the sample `name` (labels included) in the server's /metrics; 0 if none."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return next((float(line.split()[-1]) for line in lines if line.startswith(name + " ")), 0.0)
 
 
 def batch_concat_count(url: str) -> float:
@@ -195,8 +193,7 @@ def test_client_disconnect_cancels_and_frees_blocks(served):
     _, url = served
 
     def gauge(name: str) -> float:
-        lines = httpx.get(f"{url}/metrics").text.splitlines()
-        return next((float(line.split()[-1]) for line in lines if line.startswith(name + " ")), 0.0)
+        return metric(url, name)
 
     total_blocks = 2048 // 16
     successes = gauge("tgi_request_success")

@@ -8,7 +8,6 @@ import httpx
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 MESSAGES = [{"role": "system", "content": "You answer in one line."},
             {"role": "user", "content": "Write a Python function that adds two numbers."}]
@@ -28,13 +27,6 @@ def served(model_dir, launch):
 @pytest.fixture(scope="module")
 def client(served) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{served[1]}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def reference(served):
-    tokenizer = AutoTokenizer.from_pretrained(served[0])
-    model = AutoModelForCausalLM.from_pretrained(served[0], dtype=torch.float32).eval()
-    return tokenizer, model
 
 
 def hf_chat_greedy(reference, messages, max_new_tokens: int) -> tuple[list[int], list[int]]:

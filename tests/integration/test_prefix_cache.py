@@ -8,9 +8,8 @@ import time
 
 import httpx
 import pytest
-import torch
 
-from tests.integration.test_e2e import assert_same_or_near_tie, hf_greedy
+from tests.integration.test_e2e import assert_same_or_near_tie, hf_greedy, metric
 
 SYSTEM = ("You are a careful assistant. Answer in one short paragraph, cite the license where "
           "it applies, and never invent an API. The project is licensed under the Apache "
@@ -26,20 +25,6 @@ def served(model_dir, launch):
     path = model_dir("llama", "tiny")
     with launch(path, *LAUNCH_FLAGS) as url:
         yield path, url
-
-
-@pytest.fixture(scope="module")
-def reference(served):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path, _ = served
-    return (AutoTokenizer.from_pretrained(path),
-            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
-
-
-def metric(url: str, name: str) -> float:
-    lines = httpx.get(f"{url}/metrics").text.splitlines()
-    return next((float(line.split()[-1]) for line in lines if line.startswith(name + " ")), 0.0)
 
 
 def generate(url: str, prompt: str) -> list[int]:

@@ -16,7 +16,6 @@ from .test_e2e import (
     generate,
     hf_greedy,
 )
-from .test_e2e import reference as reference  # noqa: F401 -- the fixture, for this module
 
 # The tiny llama answers this with runs of one token: n-gram drafts get accepted.
 REPETITIVE = "0 0 0 0 0 0 0 0 0 0"
