@@ -40,6 +40,11 @@ class Entry:
     # Opaque to the queue: where the caller routes this request's events.
     sink: object = None
 
+    @property
+    def between_chunks(self) -> bool:
+        """Of a queued entry: it holds its blocks, its prefill part done."""
+        return self.block_ids is not None
+
 
 class Queue:
     """FIFO of waiting entries; `next_batch` takes from the front, never skips an entry."""
@@ -70,11 +75,11 @@ class Queue:
 
     def front_is_chunked(self) -> bool:
         """Whether the front entry is between the chunks of its prefill."""
-        return bool(self._entries) and self._entries[0].block_ids is not None
+        return bool(self._entries) and self._entries[0].between_chunks
 
     def held_blocks(self) -> set[int]:
         """The blocks waiting entries hold (those between the chunks of their prefill)."""
-        return {b for entry in self._entries for b in entry.block_ids or ()}
+        return {b for entry in self._entries if entry.between_chunks for b in entry.block_ids}
 
     def remove_cancelled(self) -> list[Entry]:
         """Drop every cancelled entry now (not only those `next_batch` reaches)."""
@@ -87,7 +92,7 @@ class Queue:
 
     def _drop(self, entry: Entry) -> None:
         self.num_dropped += 1
-        if entry.block_ids is not None:  # between the chunks of its prefill
+        if entry.between_chunks:
             self.allocator.free(entry.block_ids)
             entry.block_ids = None
 
@@ -136,7 +141,7 @@ class Queue:
                 self._drop(entry)
                 continue
             request = entry.request
-            continuing = entry.block_ids is not None  # its prefill's next chunk
+            continuing = entry.between_chunks  # its prefill's next chunk
             cached: list[bytes] = []
             if not continuing:
                 usable = self._usable_keys(entry)

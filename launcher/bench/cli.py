@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run(args)
     else:
         raise SystemExit("tgi-bench: give --url (or --merge)")
-    overhead = report.router_overhead(results, []) + report.draft_acceptance(results)
+    overhead = report.router_overhead(results, []) + report.server_shares(results)
     table = "\n".join([report.format_table(results), *(["", *overhead] if overhead else [])])
     print(table)
     prefix.with_suffix(".md").write_text(table + "\n")

@@ -89,8 +89,8 @@ def write_outputs(prefix: Path, *, args, settings, model: Path, config: dict, ro
                   report.format_shard(shard_rows), ""]
     overhead = report.router_overhead(results, shard_rows)
     lines += [*overhead, ""] if overhead else []
-    acceptance = report.draft_acceptance(results)
-    lines += [*acceptance, ""] if acceptance else []
+    shares = report.server_shares(results)
+    lines += [*shares, ""] if shares else []
     title = f"{model.name}: {settings.workload.describe()}, {settings.threads} threads"
     lines.append(report.write_plot(results, prefix.with_suffix(".png"), title))
     text = "\n".join(lines)

@@ -34,8 +34,8 @@ def num(value: float | None, digits: int = 1) -> str:
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
 
 
-def _triple(values: dict[str, float], scale: float = 1.0, digits: int = 1,
-            keys: tuple[str, ...] = ("p50", "p90", "p99")) -> str:
+def _joined(values: dict[str, float], scale: float = 1.0, digits: int = 1,
+           keys: tuple[str, ...] = ("p50", "p90", "p99")) -> str:
     return " / ".join(num(values.get(p, math.nan) * scale, digits) for p in keys)
 
 
@@ -66,8 +66,8 @@ def format_row(r: LoadResult, cost: ModelCost | None = None, roof=None) -> str:
     return (f"| {r.system} | {r.dtype} | {r.label} | {r.num_requests} ({r.num_errors}) "
             f"| {r.num_generated_tokens} ({r.num_requested_tokens}) "
             f"| {num(r.output_tokens_per_s, 2)} | {num(r.requests_per_s, 2)} "
-            f"| {_triple(r.ttft_ms)} | {_triple(r.itl_ms, keys=('p50', 'p90', 'p99', 'max'))} "
-            f"| {_triple(r.e2e_ms, 1e-3, 2)} "
+            f"| {_joined(r.ttft_ms)} | {_joined(r.itl_ms, keys=('p50', 'p90', 'p99', 'max'))} "
+            f"| {_joined(r.e2e_ms, 1e-3, 2)} "
             f"| {pct(flops)} | {pct(bandwidth)} | {other} |")
 
 
@@ -161,7 +161,7 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
         if lines else []
 
 
-def draft_acceptance(results: list[LoadResult]) -> list[str]:
+def server_shares(results: list[LoadResult]) -> list[str]:
     """The share of drafts tgi-server accepted in each load where it speculated (its /metrics),
     and of its prompt tokens taken from its prefix cache where it took any."""
     return (_shares(results, "draft_acceptance", "drafts accepted (tgi-server --speculate):")

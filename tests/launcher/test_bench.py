@@ -173,7 +173,7 @@ def test_decode_steps_are_read_from_the_routers_metrics():
     assert loadgen.draft_acceptance(after, drafting) == pytest.approx(3 / 8)
     drafting_load = replace(_result("tgi-server", "c=1", 10.0), draft_acceptance=3 / 8,
                             server_step_ms=40.0)
-    assert report.draft_acceptance([drafting_load]) == [
+    assert report.server_shares([drafting_load]) == [
         "drafts accepted (tgi-server --speculate):", "- float32 c=1: 38%"]
     # a step that streamed several tokens is not an ITL: no router cost is derived from it
     assert report.router_overhead([drafting_load], []) == []
@@ -186,7 +186,7 @@ def test_decode_steps_are_read_from_the_routers_metrics():
     metrics.prefix_cache_hit_tokens.inc(48)
     caching = loadgen.parse_decode_steps(metrics.render().decode())
     assert loadgen.prompt_cache_share(drafting, caching) == pytest.approx(48 / 160)
-    assert report.draft_acceptance([replace(drafting_load, prompt_cache_share=0.3)])[2:] == [
+    assert report.server_shares([replace(drafting_load, prompt_cache_share=0.3)])[2:] == [
         "prompt tokens from the prefix cache (tgi-server):", "- float32 c=1: 30%"]
     assert math.isnan(loadgen.mean_step_ms(after, after))  # no step in between
     assert math.isnan(loadgen.mean_step_ms(before, after))  # a server without the metric
