@@ -11,9 +11,16 @@ from starlette.responses import StreamingResponse
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+# Line breaks to `str.splitlines` (and so to httpx's `iter_lines` and many SSE clients) that JSON
+# leaves raw: a model that emits one would cut its event in two. Escaped, they decode the same.
+_SPLITLINES_ONLY = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
 
 def sse_event(payload: BaseModel | str, prefix: str = "data:") -> bytes:
     data = payload if isinstance(payload, str) else payload.model_dump_json()
+    if not data.isascii():
+        for char, escape in _SPLITLINES_ONLY.items():
+            data = data.replace(char, escape)
     return f"{prefix}{data}\n\n".encode()
 
 

@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +27,19 @@ from tgi_server.launcher.bench.stats import RequestTiming
 from tgi_server.launcher.bench.workloads import Job
 
 APIS = ("tgi", "openai")
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def _sse_lines(response: httpx.Response):
+    """The stream's lines split where SSE ends a line (CRLF, LF, CR) only: httpx's `aiter_lines`
+    also splits at U+2028 and U+0085, which a peer may write raw inside a JSON string."""
+    rest = ""
+    async for text in response.aiter_text():
+        *lines, rest = _SSE_LINE_END.split(rest + text)
+        for line in lines:
+            yield line
+    if rest:
+        yield rest
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,7 @@ async def _tgi_request(client: httpx.AsyncClient, target: Target, job: Job,
     async with client.stream("POST", "/generate_stream", json=body) as response:
         if response.status_code != 200:
             return None, await _http_error(response)
-        async for line in response.aiter_lines():
+        async for line in _sse_lines(response):
             if not line.startswith("data:"):
                 continue
             event = json.loads(line[5:])
@@ -74,7 +88,7 @@ async def _openai_request(client: httpx.AsyncClient, target: Target, job: Job,
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             return None, await _http_error(response)
-        async for line in response.aiter_lines():
+        async for line in _sse_lines(response):
             if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                 continue
             chunk = json.loads(line[5:])

@@ -30,7 +30,8 @@ class FakeServer:
         try:
             for i in range(n):
                 await asyncio.sleep(0.001)
-                yield f"data:{json.dumps(make(i))}\n\n"
+                # raw non-ASCII, as llama.cpp writes it: U+2028 must not split an event
+                yield f"data:{json.dumps(make(i), ensure_ascii=False)}\n\n"
         finally:
             self.in_flight -= 1
 
@@ -51,7 +52,7 @@ class FakeServer:
         n = body["max_tokens"]
 
         async def events():
-            async for event in self._events(n, lambda i: {"choices": [{"text": f"t{i}"}]}):
+            async for event in self._events(n, lambda i: {"choices": [{"text": f"t{i}\u2028"}]}):
                 yield event
             usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n}
             yield f"data:{json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
