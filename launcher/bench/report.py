@@ -133,10 +133,13 @@ def format_shard(rows: list[dict]) -> str:
 
 
 def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[str]:
-    """ITL p50 of tgi-server at concurrency c minus the shard's own decode step: the per-token
+    """ITL of tgi-server at concurrency c minus the shard's own decode step: the per-token
     cost of the router, gRPC and HTTP streaming. The step is the server's mean during the same
     load (its /metrics) when known, else the micro-benchmark's at batch c (another minute of
-    a machine whose speed drifts)."""
+    a machine whose speed drifts). Against the server's mean step both the ITL's p50 and its
+    mean are given: the mean is the like-for-like figure (tokens that come in bursts move the
+    p50 but not the mean), the p50 the one robust to a load's stalls behind other prompts'
+    prefills (at c > 1 the mean includes them)."""
     steps = {(r["dtype"], r["batch"]): r["step_ms"] for r in shard_rows}
     multi_round = num_rounds(results) > 1
     lines = []
@@ -152,11 +155,17 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
             where = "shard micro-benchmark step"
         else:
             continue
-        over = itl - step
         name = r.load if r.dtype == "-" else f"{r.dtype} {r.load}"
         name += f" (round {r.round + 1})" if multi_round else ""
-        lines.append(f"- {name}: ITL p50 {itl:.1f} ms - {where} "
-                     f"{step:.1f} ms = {over:.1f} ms ({100 * over / itl:.1f}% of the ITL)")
+        mean = r.itl_ms.get("mean", math.nan)
+        if math.isnan(r.server_step_ms) or math.isnan(mean):
+            over = itl - step
+            lines.append(f"- {name}: ITL p50 {itl:.1f} ms - {where} "
+                         f"{step:.1f} ms = {over:.1f} ms ({100 * over / itl:.1f}% of the ITL)")
+            continue
+        lines.append(f"- {name}: ITL p50 {itl:.1f} / mean {mean:.1f} ms - {where} {step:.1f} ms "
+                     f"= {itl - step:.1f} / {mean - step:.1f} ms ({100 * (itl - step) / itl:.1f}"
+                     f"% / {100 * (mean - step) / mean:.1f}% of the ITL)")
     return ["router + gRPC + HTTP per decode step (end-to-end ITL p50 - shard step):", *lines] \
         if lines else []
 

@@ -78,6 +78,12 @@ def quantiles_ms(values_s: list[float]) -> dict[str, float]:
             "max": 1000 * percentile(values_s, 100)}
 
 
+def itl_summary_ms(gaps_s: list[float]) -> dict[str, float]:
+    """The quantiles, and the mean: what a token costs on average beside a mean step, where
+    bursts (a late token, then one right behind it) move the median but not the mean."""
+    return {**quantiles_ms(gaps_s), "mean": 1000 * sum(gaps_s) / len(gaps_s) if gaps_s else math.nan}
+
+
 def summarize(system: str, dtype: str, load: str, label: str, timings: list[RequestTiming],
               wall_s: float, num_requested_tokens: int, other_cpu_share: float = math.nan,
               concurrency: int | None = None, request_rate: float | None = None) -> LoadResult:
@@ -92,7 +98,7 @@ def summarize(system: str, dtype: str, load: str, label: str, timings: list[Requ
         wall_s=wall_s, output_tokens_per_s=per_s(num_generated), requests_per_s=per_s(len(ok)),
         concurrency=concurrency, request_rate=request_rate,
         ttft_ms=quantiles_ms([t.ttft_s for t in ok if t.ttft_s is not None]),
-        itl_ms=quantiles_ms([itl for t in ok for itl in t.itl_s]),
+        itl_ms=itl_summary_ms([itl for t in ok for itl in t.itl_s]),
         e2e_ms=quantiles_ms([t.e2e_s for t in ok]), other_cpu_share=other_cpu_share,
         first_error=next((t.error for t in timings if t.error is not None), None),
     )

@@ -49,6 +49,7 @@ def test_summarize_counts_tokens_and_skips_errors():
     assert r.ttft_ms["p50"] == pytest.approx(1000.0)
     assert r.itl_ms["p50"] == pytest.approx(200.0)  # pooled over requests: 0.1, 0.2, 0.3
     assert r.itl_ms["p99"] == pytest.approx(298.0)
+    assert r.itl_ms["mean"] == pytest.approx(200.0)
     assert r.e2e_ms["p90"] == pytest.approx(1700.0)
     assert r.first_error == "HTTP 503: overloaded"
 
@@ -153,6 +154,14 @@ def test_dtype_ratios_and_router_overhead():
     assert report.router_overhead(results, shard)[1] == (
         "- float32 c=1: ITL p50 50.0 ms - mean shard step in the same load 49.5 ms = 0.5 ms "
         "(1.0% of the ITL)")
+    # With the ITL's mean too (bursts move the p50, not the mean): both against the mean step.
+    results[0] = replace(results[0], itl_ms={**results[0].itl_ms, "mean": 49.0})
+    assert report.router_overhead(results, shard)[1] == (
+        "- float32 c=1: ITL p50 50.0 / mean 49.0 ms - mean shard step in the same load 49.5 ms "
+        "= 0.5 / -0.5 ms (1.0% / -1.0% of the ITL)")
+    # The micro-benchmark's step is another minute's: against it the p50 alone, as before.
+    results[0] = replace(results[0], server_step_ms=math.nan)
+    assert report.router_overhead(results, shard)[1].startswith("- float32 c=1: ITL p50 50.0 ms - shard")
 
 
 def test_decode_steps_are_read_from_the_routers_metrics():
