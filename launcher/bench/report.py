@@ -166,7 +166,7 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
         lines.append(f"- {name}: ITL p50 {itl:.1f} / mean {mean:.1f} ms - {where} {step:.1f} ms "
                      f"= {itl - step:.1f} / {mean - step:.1f} ms ({100 * (itl - step) / itl:.1f}"
                      f"% / {100 * (mean - step) / mean:.1f}% of the ITL)")
-    return ["router + gRPC + HTTP per decode step (end-to-end ITL p50 - shard step):", *lines] \
+    return ["router + gRPC + HTTP per decode step (end-to-end ITL - shard step):", *lines] \
         if lines else []
 
 
