@@ -81,7 +81,8 @@ def quantiles_ms(values_s: list[float]) -> dict[str, float]:
 def itl_summary_ms(gaps_s: list[float]) -> dict[str, float]:
     """The quantiles, and the mean: what a token costs on average beside a mean step, where
     bursts (a late token, then one right behind it) move the median but not the mean."""
-    return {**quantiles_ms(gaps_s), "mean": 1000 * sum(gaps_s) / len(gaps_s) if gaps_s else math.nan}
+    mean = 1000 * sum(gaps_s) / len(gaps_s) if gaps_s else math.nan
+    return {**quantiles_ms(gaps_s), "mean": mean}
 
 
 def summarize(system: str, dtype: str, load: str, label: str, timings: list[RequestTiming],

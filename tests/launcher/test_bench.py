@@ -161,7 +161,8 @@ def test_dtype_ratios_and_router_overhead():
         "= 0.5 / -0.5 ms (1.0% / -1.0% of the ITL)")
     # The micro-benchmark's step is another minute's: against it the p50 alone, as before.
     results[0] = replace(results[0], server_step_ms=math.nan)
-    assert report.router_overhead(results, shard)[1].startswith("- float32 c=1: ITL p50 50.0 ms - shard")
+    assert report.router_overhead(results, shard)[1].startswith(
+        "- float32 c=1: ITL p50 50.0 ms - shard micro-benchmark step 48.0 ms")
 
 
 def test_decode_steps_are_read_from_the_routers_metrics():
