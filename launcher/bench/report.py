@@ -101,6 +101,10 @@ def format_ratio(per_round: list[float]) -> str:
     return f"{statistics.median(per_round):.2f}x (rounds: {each})"
 
 
+# Other processes' share of the CPUs during a load past which its ratios are flagged.
+DISTURBED_SHARE = 0.10
+
+
 def format_ratios(results: list[LoadResult]) -> list[str]:
     found = ratios(results)
     if not found:
@@ -109,6 +113,13 @@ def format_ratios(results: list[LoadResult]) -> list[str]:
     lines += [f"- {key}: " + "; ".join(f"{system} {format_ratio(values)}"
                                        for system, values in per.items())
               for key, per in found.items()]
+    multi_round = num_rounds(results) > 1
+    disturbed = [f"{r.system} {r.load} {r.dtype}" + (f" round {r.round + 1}" if multi_round else "")
+                 + f" ({100 * r.other_cpu_share:.0f}%)" for r in results
+                 if r.other_cpu_share >= DISTURBED_SHARE and f"{r.load} {r.dtype}" in found]
+    if disturbed:
+        lines.append(f"- disturbed: other processes took {100 * DISTURBED_SHARE:.0f}% or more of "
+                     f"the CPUs during {', '.join(disturbed)}; those rounds' ratios say less")
     return lines
 
 

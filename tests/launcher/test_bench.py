@@ -135,6 +135,12 @@ def test_ratios_pair_systems_within_each_round_and_give_the_median():
     assert report.format_ratios(results)[1] == (
         "- c=1 float32: llama.cpp 1.50x (rounds: 1.50 / 4.00 / 1.10)")
     assert report.format_dtype_ratios(results)[1:] == ["- c=1: 1.21x"]  # round 3 only
+    assert len(report.format_ratios(results)) == 2  # every load ran on a quiet machine
+    # A load during which other processes took a tenth of the CPUs or more is named.
+    results[2] = replace(results[2], other_cpu_share=0.17)
+    assert report.format_ratios(results)[2] == (
+        "- disturbed: other processes took 10% or more of the CPUs during tgi-server c=1 "
+        "float32 round 2 (17%); those rounds' ratios say less")
 
 
 def test_rounds_setting():
