@@ -168,15 +168,13 @@ def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[s
             continue
         name = r.load if r.dtype == "-" else f"{r.dtype} {r.load}"
         name += f" (round {r.round + 1})" if multi_round else ""
-        mean = r.itl_ms.get("mean", math.nan)
-        if math.isnan(r.server_step_ms) or math.isnan(mean):
-            over = itl - step
-            lines.append(f"- {name}: ITL p50 {itl:.1f} ms - {where} "
-                         f"{step:.1f} ms = {over:.1f} ms ({100 * over / itl:.1f}% of the ITL)")
-            continue
-        lines.append(f"- {name}: ITL p50 {itl:.1f} / mean {mean:.1f} ms - {where} {step:.1f} ms "
-                     f"= {itl - step:.1f} / {mean - step:.1f} ms ({100 * (itl - step) / itl:.1f}"
-                     f"% / {100 * (mean - step) / mean:.1f}% of the ITL)")
+        itls = {"p50": itl}
+        if not math.isnan(r.server_step_ms) and not math.isnan(r.itl_ms.get("mean", math.nan)):
+            itls["mean"] = r.itl_ms["mean"]
+        lines.append(
+            f"- {name}: ITL {' / '.join(f'{k} {v:.1f}' for k, v in itls.items())} ms - {where} "
+            f"{step:.1f} ms = {' / '.join(f'{v - step:.1f}' for v in itls.values())} ms "
+            f"({' / '.join(f'{100 * (v - step) / v:.1f}%' for v in itls.values())} of the ITL)")
     return ["router + gRPC + HTTP per decode step (end-to-end ITL - shard step):", *lines] \
         if lines else []
 
