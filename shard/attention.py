@@ -244,6 +244,19 @@ def rows_as_decode(meta: AttentionMetadata, num_tokens: int) -> tuple[Tensor, Te
     return meta.block_tables[seq_ids], query_start[seq_ids] + rows + 1
 
 
+def _rows_as_queries(meta: AttentionMetadata, rows: Tensor, num_tokens: int) -> AttentionMetadata:
+    """The metadata of a step whose queries are the given rows of `meta`'s, each a one-token
+    query over its sequence up to its own position (their k/v already stored)."""
+    tables, lens = rows_as_decode(meta, num_tokens)
+    lens = lens[rows]
+    return AttentionMetadata(
+        slot_mapping=meta.slot_mapping[rows],
+        cu_seqlens_q=torch.arange(rows.shape[0] + 1, device=rows.device),
+        context_lens=lens, block_tables=tables[rows], max_query_len=1,
+        max_context_len=meta.max_context_len,
+    )
+
+
 def _flash_paged_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,
     sliding_window: int | None,
@@ -276,16 +289,19 @@ class Attention(nn.Module):
         self.k_cache: Tensor | None = None
         self.v_cache: Tensor | None = None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q [num_tokens, heads, D], k/v [num_tokens, kv_heads, D] -> [num_tokens, heads * D]."""
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None) -> Tensor:
+        """q [num_tokens, heads, D], k/v [num_tokens, kv_heads, D] -> [num_tokens, heads * D];
+        with `rows`, every token's k/v is stored and only those rows attend: [rows, heads * D]."""
         meta = get_forward_context()
-        args = (meta, self.scale, self.sliding_window)
         if self.k_cache is None:
-            out = _torch_fresh_attention(q, k, v, *args)
+            out = _torch_fresh_attention(q, k, v, meta, self.scale, self.sliding_window)
+            out = out if rows is None else out[rows]
         else:
             self._store(k, v, meta.slot_mapping)
+            if rows is not None:
+                q, meta = q[rows], _rows_as_queries(meta, rows, q.shape[0])
             out = self._attend_paged(q, meta)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
     def _attend_paged(self, q: Tensor, meta: AttentionMetadata) -> Tensor:
         if _use_flash(self.k_cache):

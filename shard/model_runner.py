@@ -160,11 +160,17 @@ class ModelRunner:
 
     def _step(self, batch: Batch, inputs: StepInputs, is_prefill: bool,
               drafts: list[list[int]] | None = None) -> list[StepOutput]:
+        # A prompt's step needs the logits of each sequence's last row only, unless its
+        # prompt's logprobs are asked for (then every row, as for drafts).
+        rows = None
+        if drafts is None and inputs.meta.max_query_len > 1 and not any(batch.prefill_logprobs):
+            rows = inputs.last_token_rows
         with forward_context(inputs.meta):
-            hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
+            # [num_tokens, hidden], or [batch, hidden] given the rows
+            hidden = self.model(inputs.input_ids, inputs.positions, rows)
         if drafts is None:
-            # one token per sequence (a decode step): the rows are already the last ones
-            one_each = inputs.meta.max_query_len == 1 and hidden.shape[0] == len(batch)
+            # one token per sequence (a decode step) or the rows asked for: the last ones
+            one_each = hidden.shape[0] == len(batch)
             last = hidden if one_each else hidden[inputs.last_token_rows]
             logits = self.model.compute_logits(last)  # [batch, vocab]
             candidates = _rows(batch.sampler(logits, batch.top_n_tokens), batch.top_n_tokens)

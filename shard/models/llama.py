@@ -70,7 +70,10 @@ class LlamaAttention(nn.Module):
             scale=head_dim**-0.5, sliding_window=_sliding_window(config, layer_idx),
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_tokens, hidden], or only the given rows' outputs (every
+        row's k/v is cached either way)."""
         num_tokens, head_dim = hidden.shape[0], self.attn.head_dim
         qkv = self.qkv_proj(hidden)  # [num_tokens, (heads + 2 * kv_heads) * head_dim] per rank
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
@@ -79,7 +82,7 @@ class LlamaAttention(nn.Module):
         k = k.view(num_tokens, -1, head_dim)  # [num_tokens, kv_heads, head_dim]
         v = v.view(num_tokens, -1, head_dim)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))  # [num_tokens, hidden]
+        return self.o_proj(self.attn(q, k, v, rows))  # [num_tokens or rows, hidden]
 
 
 # Largest gate_up output of one MLP chunk on CPU (see LlamaMLP.forward).
@@ -132,14 +135,18 @@ class LlamaDecoderLayer(nn.Module):
         self._fused_weights: tuple | object = _UNSET  # (packed q/k/v weight, its args)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                residual: torch.Tensor | None, rows: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, the residual stream before it is added): the add is fused into
-        the next norm. The first layer gets residual None."""
+        the next norm. The first layer gets residual None. With `rows`, both only for those
+        rows: past the attention's k/v, the rest of the layer runs on them alone."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
+        hidden = self.self_attn(positions, hidden, rows)
+        if rows is not None:
+            residual = residual[rows]
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -206,7 +213,10 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_tokens] -> [num_tokens, hidden], or [len(rows), hidden]: the final hidden states
+        of the rows whose logits the caller needs (None: all)."""
         hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden]
         fused = self._fused_decode_layers(hidden)
         if fused is not None:
@@ -216,9 +226,16 @@ class LlamaModel(nn.Module):
             for args in fused:
                 hidden = cpu_kernels.decode_layer(hidden, residual, positions, meta.slot_mapping,
                                                   tables, lens, *args)
+            if rows is not None:
+                hidden, residual = hidden[rows], residual[rows]
             return self.norm(hidden, residual)[0]
-        for layer in self.layers:
+        # NOTE: a prompt's rows feed the next token through the last one alone, so the last
+        # layer runs past its k/v on the rows asked for only: one layer of the prefill's
+        # linears and attention fewer (1/12 of a 12-layer model's; NOTES 65).
+        *first, last = self.layers
+        for layer in first:
             hidden, residual = layer(positions, hidden, residual)
+        hidden, residual = last(positions, hidden, residual, rows)
         return self.norm(hidden, residual)[0]
 
     def _fused_decode_layers(self, hidden: torch.Tensor) -> list[tuple] | None:
@@ -273,9 +290,11 @@ class LlamaForCausalLM(nn.Module):
     def num_kv_heads_per_rank(self) -> int:
         return self.model.layers[0].self_attn.attn.num_kv_heads
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions [num_tokens] -> [num_tokens, hidden]; reads the forward context."""
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [num_tokens] -> [num_tokens, hidden] (or the hidden states of
+        `rows` only, the rows to compute logits on); reads the forward context."""
+        return self.model(input_ids, positions, rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [num_tokens, vocab] float32, full vocab on every rank

@@ -42,18 +42,21 @@ class Paged:
         self.tables = [ids[i * blocks_per_seq:(i + 1) * blocks_per_seq] for i in range(num_seqs)]
         self.lens = [0] * num_seqs  # tokens of each sequence already in the cache
 
-    def step(self, seq_ids: list[int], chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Runs the new tokens `chunks[i]` of sequences `seq_ids[i]` as one packed batch."""
+    def step(self, seq_ids: list[int], chunks: list[torch.Tensor],
+             last_only: bool = False) -> list[torch.Tensor]:
+        """Runs the new tokens `chunks[i]` of sequences `seq_ids[i]` as one packed batch; the
+        logits of every row, or (`last_only`) of each chunk's last row, computed alone."""
         query_lens = [len(chunk) for chunk in chunks]
         context_lens = [self.lens[s] + n for s, n in zip(seq_ids, query_lens)]
         tables = [self.tables[s] for s in seq_ids]
         meta = AttentionMetadata.from_lists(query_lens, context_lens, tables, BLOCK_SIZE)
         positions = torch.cat([torch.arange(c - q, c) for q, c in zip(query_lens, context_lens)])
+        rows = meta.cu_seqlens_q[1:] - 1 if last_only else None
         with torch.inference_mode(), forward_context(meta):
-            logits = self.model.compute_logits(self.model(torch.cat(chunks), positions))
+            logits = self.model.compute_logits(self.model(torch.cat(chunks), positions, rows))
         for s, c in zip(seq_ids, context_lens):
             self.lens[s] = c
-        return list(logits.split(query_lens))
+        return list(logits.split([1] * len(chunks) if last_only else query_lens))
 
 
 @pytest.fixture(scope="module", params=[*VARIANTS, *(f"{v}-onednn" for v in VARIANTS)])
@@ -103,6 +106,24 @@ def test_prefill_with_cached_prefix(models):
     rest, fresh = paged.step([0, 1], [long[5:], other])
     torch.testing.assert_close(rest, reference_logits(ref, long)[5:], atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(fresh, reference_logits(ref, other), atol=ATOL, rtol=RTOL)
+
+
+def test_prompt_rows_past_the_last_layers_kv_are_only_those_asked_for(models):
+    """Logits for each prompt's last row alone (what a prefill samples from): the same as
+    every row's, and the last layer's k/v of every row cached, so decoding goes on right."""
+    ours, ref = models
+    seqs = prompts(ours.config.vocab_size, [6, 30, 9], seed=4)  # tails past FUSED_MAX_PREFILL_ROWS
+    paged = Paged(ours, num_seqs=3, seed=4)
+    cached = paged.step([0, 1], [seqs[0][:2], seqs[1][:4]], last_only=True)
+    tails = paged.step([0, 1, 2], [seqs[0][2:], seqs[1][4:], seqs[2]], last_only=True)
+    for seq, logits in zip(seqs, tails):
+        torch.testing.assert_close(logits[0], reference_logits(ref, seq)[-1], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(cached[1][0], reference_logits(ref, seqs[1][:4])[-1],
+                               atol=ATOL, rtol=RTOL)
+    next_tokens = [torch.tensor([17 + i]) for i in range(3)]
+    for i, logits in enumerate(paged.step([0, 1, 2], next_tokens)):
+        want = reference_logits(ref, torch.cat([seqs[i], next_tokens[i]]))[-1]
+        torch.testing.assert_close(logits[0], want, atol=ATOL, rtol=RTOL)
 
 
 def test_profile_run_without_kv_cache(models):
