@@ -185,6 +185,11 @@ def test_sliding_window_matches_transformers(model_dir, tmp_path):
     seqs = [torch.cat([s, torch.tensor([42])]) for s in seqs]
     for seq, logits in zip(seqs, paged.step([0, 1], [torch.tensor([42])] * 2)):
         torch.testing.assert_close(logits[0], reference_logits(ref, seq)[-1], atol=ATOL, rtol=RTOL)
+    # a prompt's last row alone past the window (the last layer's one-token query)
+    longer = prompts(ours.config.vocab_size, [10], seed=5)[0]
+    paged = Paged(ours, num_seqs=1, seed=5)
+    last = paged.step([0], [longer], last_only=True)[0][0]
+    torch.testing.assert_close(last, reference_logits(ref, longer)[-1], atol=ATOL, rtol=RTOL)
 
 
 ROPE_CASES = {
