@@ -3,10 +3,12 @@
 `python -m tgi_server.launcher.bench_shard [--model PATH] [--batch-sizes 1,8,32,64]` times, per
 batch size, (a) the model's forward + LM head alone and (b) the runner's whole decode step
 (inputs, forward, sampling, outputs), so the end-to-end benchmark's inter-token latency minus
-(b) is the router + gRPC cost, and (b) minus (a) the shard's host work.
+(b) is the router + gRPC cost, and (b) minus (a) the shard's host work; and (c) the runner's
+prefill of that many fresh prompts at once, the compute under a load's first tokens.
 """
 
 import argparse
+import math
 import platform
 import statistics
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tgi_server.launcher.bench.report import SHARD_HEADER, format_shard_row
 from tgi_server.shard.attention import forward_context
 from tgi_server.shard.batch import Batch
 from tgi_server.shard.cli import keep_freed_memory
@@ -45,7 +48,14 @@ def make_batch(runner: ModelRunner, batch_size: int, prompt_len: int, max_new: i
 
 
 @torch.inference_mode()
-def time_steps(runner: ModelRunner, batch_size: int, prompt_len: int, steps: int) -> dict:
+def time_steps(runner: ModelRunner, batch_size: int, prompt_len: int, steps: int,
+               prefills: int = 3) -> dict:
+    prefill_ms = []
+    for _ in range(prefills):
+        batch = make_batch(runner, batch_size, prompt_len, steps * 2 + 4)
+        start = time.perf_counter()
+        runner.prefill(batch)
+        prefill_ms.append((time.perf_counter() - start) * 1000)
     batch = make_batch(runner, batch_size, prompt_len, steps * 2 + 4)
     # NOTE: no prefill: the prompts count as cached and the cache holds random k/v, which
     # costs a decode step the same as real ones (and saves minutes at batch 64).
@@ -63,12 +73,14 @@ def time_steps(runner: ModelRunner, batch_size: int, prompt_len: int, steps: int
         runner.decode(batch)
         step_ms.append((time.perf_counter() - start) * 1000)
     fwd, step = statistics.median(forward_ms), statistics.median(step_ms)
+    prefill = statistics.median(prefill_ms) if prefill_ms else math.nan
     return {"batch": batch_size, "forward_ms": fwd, "step_ms": step, "host_ms": step - fwd,
-            "tok_s": batch_size / step * 1000}
+            "tok_s": batch_size / step * 1000, "prefill_ms": prefill,
+            "prefill_tok_s": batch_size * prompt_len / prefill * 1000}
 
 
 def measure(model_dir: Path, dtypes: tuple[str, ...], sizes: tuple[int, ...], prompt_len: int,
-            steps: int, threads: int, report=print) -> list[dict]:
+            steps: int, threads: int, report=print, prefills: int = 3) -> list[dict]:
     """One row per dtype and batch size (`report` gets each as a table line)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -84,10 +96,9 @@ def measure(model_dir: Path, dtypes: tuple[str, ...], sizes: tuple[int, ...], pr
             runner.kv_cache = allocate_kv_cache(model, need, 16, dtype, torch.device("cpu"))
             runner.kv_cache.normal_(0, 0.5)
             for b in sizes:
-                rows.append({"dtype": name, **time_steps(runner, b, prompt_len, steps)})
-                r = rows[-1]
-                report(f"| {name} | {b} | {r['forward_ms']:.1f} | {r['step_ms']:.1f} | "
-                       f"{r['host_ms']:.1f} | {r['tok_s']:.1f} |")
+                rows.append({"dtype": name,
+                             **time_steps(runner, b, prompt_len, steps, prefills)})
+                report(format_shard_row(rows[-1]))
             del runner, model
     finally:
         torch.set_num_threads(previous)
@@ -102,13 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefills", type=int, default=3, help="prefills timed per row")
     args = parser.parse_args(argv)
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads; "
           f"torch {torch.__version__}; model {args.model}; prompt {args.prompt_len} tokens")
-    print("\n| dtype | batch | forward ms | step ms | shard host ms | tok/s |\n|---|---|---|---|---|---|")
+    print(f"\n{SHARD_HEADER}")
     measure(Path(args.model), tuple(args.dtypes.split(",")), sizes, args.prompt_len, args.steps,
-            args.threads, report=lambda line: print(line, flush=True))
+            args.threads, report=lambda line: print(line, flush=True), prefills=args.prefills)
 
 
 if __name__ == "__main__":

@@ -135,12 +135,19 @@ def format_dtype_ratios(results: list[LoadResult], system: str = OURS) -> list[s
     return [f"{system} bfloat16 / float32, output tok/s:", *lines] if lines else []
 
 
+SHARD_HEADER = ("| dtype | batch | forward ms | step ms | shard host ms | tok/s | prefill ms "
+                "| prefill tok/s |\n|---|---|---|---|---|---|---|---|")
+
+
+def format_shard_row(r: dict) -> str:
+    """One row of `bench_shard.measure` (an older run's rows have no prefill figures)."""
+    prefill, rate = r.get("prefill_ms", math.nan), r.get("prefill_tok_s", math.nan)
+    return (f"| {r['dtype']} | {r['batch']} | {r['forward_ms']:.1f} | {r['step_ms']:.1f} | "
+            f"{r['host_ms']:.2f} | {r['tok_s']:.1f} | {prefill:.1f} | {rate:.0f} |")
+
+
 def format_shard(rows: list[dict]) -> str:
-    header = ("| dtype | batch | forward ms | step ms | shard host ms | tok/s |\n"
-              "|---|---|---|---|---|---|")
-    return "\n".join([header, *(
-        f"| {r['dtype']} | {r['batch']} | {r['forward_ms']:.1f} | {r['step_ms']:.1f} "
-        f"| {r['host_ms']:.2f} | {r['tok_s']:.1f} |" for r in rows)])
+    return "\n".join([SHARD_HEADER, *map(format_shard_row, rows)])
 
 
 def router_overhead(results: list[LoadResult], shard_rows: list[dict]) -> list[str]:
