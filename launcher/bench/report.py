@@ -140,10 +140,10 @@ SHARD_HEADER = ("| dtype | batch | forward ms | step ms | shard host ms | tok/s 
 
 
 def format_shard_row(r: dict) -> str:
-    """One row of `bench_shard.measure` (an older run's rows have no prefill figures)."""
-    prefill, rate = r.get("prefill_ms", math.nan), r.get("prefill_tok_s", math.nan)
+    """One row of `bench_shard.measure`."""
     return (f"| {r['dtype']} | {r['batch']} | {r['forward_ms']:.1f} | {r['step_ms']:.1f} | "
-            f"{r['host_ms']:.2f} | {r['tok_s']:.1f} | {prefill:.1f} | {rate:.0f} |")
+            f"{r['host_ms']:.2f} | {r['tok_s']:.1f} | {r['prefill_ms']:.1f} "
+            f"| {r['prefill_tok_s']:.0f} |")
 
 
 def format_shard(rows: list[dict]) -> str:
