@@ -14,12 +14,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tgi_server.shard.attention import AttentionMetadata, forward_context, get_forward_context
+from tgi_server.shard.batch import Batch
 from tgi_server.shard.distributed import ParallelState
 from tgi_server.shard.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
 from tgi_server.shard.layers import cpu_kernels
 from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.layers.rotary import get_rope, override_rope
+from tgi_server.shard.model_runner import ModelRunner
 from tgi_server.shard.models import llama, load_model
+from tgi_server.shard.sampling import Sampler, SamplingParams
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 48
@@ -124,6 +127,33 @@ def test_prompt_rows_past_the_last_layers_kv_are_only_those_asked_for(models):
     for i, logits in enumerate(paged.step([0, 1, 2], next_tokens)):
         want = reference_logits(ref, torch.cat([seqs[i], next_tokens[i]]))[-1]
         torch.testing.assert_close(logits[0], want, atol=ATOL, rtol=RTOL)
+
+
+def test_a_prefill_runs_its_last_layer_past_the_kv_on_the_sampled_rows_only(model_dir, monkeypatch):
+    """The runner asks for each prompt's last row (all rows when prompt logprobs are wanted),
+    and the token it samples is the same either way."""
+    model = load_model(model_dir("llama"), torch.float32, torch.device("cpu"), ParallelState())
+    last_mlp = model.model.layers[-1].mlp
+    rows_seen = []
+    monkeypatch.setattr(last_mlp, "forward",
+                        lambda h, inner=last_mlp.forward: rows_seen.append(h.shape[0]) or inner(h))
+    seqs = [p.tolist() for p in prompts(model.config.vocab_size, [5, 11], seed=6)]
+    tokens = {}
+    for logprobs in (False, True):
+        runner = ModelRunner(model, torch.device("cpu"), torch.float32, BLOCK_SIZE)
+        runner.kv_cache = allocate_kv_cache(model, NUM_BLOCKS, BLOCK_SIZE, torch.float32, "cpu")
+        batch = Batch(
+            batch_id=0, request_ids=[0, 1], token_ids=[list(s) for s in seqs],
+            num_prompt_tokens=[5, 11], num_computed_tokens=[0, 0],
+            block_tables=[[0, 1], [2, 3, 4]], max_new_tokens=[4, 4], ignore_eos=[True] * 2,
+            top_n_tokens=[0, 0], prefill_logprobs=[logprobs, False],
+            sampler=Sampler.build([SamplingParams()] * 2, seqs, model.config.vocab_size,
+                                  torch.device("cpu")),
+            drafters=[None, None],
+        )
+        tokens[logprobs] = [out.token_ids for out in runner.prefill(batch)]
+    assert rows_seen == [2, 16]
+    assert tokens[False] == tokens[True]
 
 
 def test_profile_run_without_kv_cache(models):
