@@ -25,7 +25,6 @@ from tgi_server.shard.kv_cache import allocate_kv_cache
 from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.model_runner import ModelRunner
 from tgi_server.shard.models import load_model
-from tgi_server.shard.sampling import Sampler, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -35,16 +34,8 @@ def make_batch(runner: ModelRunner, batch_size: int, prompt_len: int, max_new: i
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, runner.vocab_size, (prompt_len,), generator=gen).tolist()
                for _ in range(batch_size)]
-    n = batch_size
-    return Batch(
-        batch_id=1, request_ids=list(range(n)), token_ids=prompts,
-        num_prompt_tokens=[prompt_len] * n, num_computed_tokens=[0] * n,
-        block_tables=[list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(n)],
-        max_new_tokens=[max_new] * n, ignore_eos=[True] * n, top_n_tokens=[0] * n,
-        prefill_logprobs=[False] * n,
-        sampler=Sampler.build([SamplingParams()] * n, prompts, runner.vocab_size, runner.device),
-        drafters=[None] * n,
-    )
+    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch_size)]
+    return Batch.of_prompts(1, prompts, tables, max_new, runner.vocab_size, runner.device)
 
 
 @torch.inference_mode()

@@ -63,6 +63,23 @@ class Batch:
             chunked={r.id for r, p in zip(requests, prompts) if len(p) < len(r.input_ids)},
         )
 
+    @classmethod
+    def of_prompts(cls, batch_id: int, prompts: list[list[int]], block_tables: list[list[int]],
+                   max_new_tokens: int, vocab_size: int, device: torch.device,
+                   prefill_logprobs: list[bool] | None = None) -> "Batch":
+        """Fresh prompts with default sampling (greedy), to their length, that never draft:
+        the warmup's profiling prefill and the benchmarks' batches (request ids 0..n-1)."""
+        n = len(prompts)
+        return cls(
+            batch_id=batch_id, request_ids=list(range(n)), token_ids=prompts,
+            num_prompt_tokens=[len(p) for p in prompts], num_computed_tokens=[0] * n,
+            block_tables=block_tables, max_new_tokens=[max_new_tokens] * n,
+            ignore_eos=[True] * n, top_n_tokens=[0] * n,
+            prefill_logprobs=prefill_logprobs or [False] * n,
+            sampler=Sampler.build([SamplingParams()] * n, prompts, vocab_size, device),
+            drafters=[None] * n,
+        )
+
     def __len__(self) -> int:
         return len(self.request_ids)
 

@@ -16,7 +16,7 @@ from tgi_server.proto import generate_pb2 as pb
 from tgi_server.shard.attention import AttentionMetadata, forward_context
 from tgi_server.shard.batch import Batch
 from tgi_server.shard.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
-from tgi_server.shard.sampling import SampleOutput, Sampler, SamplingParams
+from tgi_server.shard.sampling import SampleOutput
 from tgi_server.shard.speculation import draft_lengths
 
 logger = logging.getLogger(__name__)
@@ -300,17 +300,8 @@ class ModelRunner:
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, self.vocab_size, (n,), generator=gen).tolist() for n in lengths]
         first = [0] + [sum(blocks[:i + 1]) for i in range(len(blocks))]
-        batch = Batch(
-            batch_id=0, request_ids=list(range(len(lengths))), token_ids=prompts,
-            num_prompt_tokens=lengths, num_computed_tokens=[0] * len(lengths),
-            block_tables=[list(range(first[i], first[i + 1])) for i in range(len(lengths))],
-            max_new_tokens=[1] * len(lengths), ignore_eos=[True] * len(lengths),
-            top_n_tokens=[0] * len(lengths), prefill_logprobs=[False] * len(lengths),
-            sampler=Sampler.build([SamplingParams()] * len(lengths), prompts, self.vocab_size,
-                                  self.device),
-            drafters=[None] * len(lengths),
-        )
-        self.prefill(batch)
+        tables = [list(range(first[i], first[i + 1])) for i in range(len(lengths))]
+        self.prefill(Batch.of_prompts(0, prompts, tables, 1, self.vocab_size, self.device))
 
 
 def _rows(sample: SampleOutput, top_n: list[int]) -> list[tuple]:

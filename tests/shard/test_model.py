@@ -22,7 +22,6 @@ from tgi_server.shard.layers.linear import pack_linear_weights
 from tgi_server.shard.layers.rotary import get_rope, override_rope
 from tgi_server.shard.model_runner import ModelRunner
 from tgi_server.shard.models import llama, load_model
-from tgi_server.shard.sampling import Sampler, SamplingParams
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 48
@@ -142,15 +141,9 @@ def test_a_prefill_runs_its_last_layer_past_the_kv_on_the_sampled_rows_only(mode
     for logprobs in (False, True):
         runner = ModelRunner(model, torch.device("cpu"), torch.float32, BLOCK_SIZE)
         runner.kv_cache = allocate_kv_cache(model, NUM_BLOCKS, BLOCK_SIZE, torch.float32, "cpu")
-        batch = Batch(
-            batch_id=0, request_ids=[0, 1], token_ids=[list(s) for s in seqs],
-            num_prompt_tokens=[5, 11], num_computed_tokens=[0, 0],
-            block_tables=[[0, 1], [2, 3, 4]], max_new_tokens=[4, 4], ignore_eos=[True] * 2,
-            top_n_tokens=[0, 0], prefill_logprobs=[logprobs, False],
-            sampler=Sampler.build([SamplingParams()] * 2, seqs, model.config.vocab_size,
-                                  torch.device("cpu")),
-            drafters=[None, None],
-        )
+        batch = Batch.of_prompts(0, [list(s) for s in seqs], [[0, 1], [2, 3, 4]], 4,
+                                 model.config.vocab_size, torch.device("cpu"),
+                                 prefill_logprobs=[logprobs, False])
         tokens[logprobs] = [out.token_ids for out in runner.prefill(batch)]
     assert rows_seen == [2, 16]
     assert tokens[False] == tokens[True]
